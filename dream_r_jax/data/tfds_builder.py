@@ -20,7 +20,9 @@ have the default sizes; other sizes get their own config named e.g.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import io
+import os
 from typing import Any, Mapping, Optional
 
 from etils import epath
@@ -34,7 +36,8 @@ SPLIT_SEEDS = {"train": 1_000, "validation": 2_000, "test": 3_000}
 DEFAULT_SPLIT_SIZES = {"train": 20_000, "validation": 500, "test": 500}
 
 
-@dataclasses.dataclass(eq=False)
+# repr=False keeps TFDS's log line about custom configs to the base fields.
+@dataclasses.dataclass(eq=False, repr=False)
 class ArithConfig(tfds.core.BuilderConfig):
   """A task preset and the number of examples in each split."""
   task: task_lib.TaskConfig = dataclasses.field(default_factory=task_lib.TaskConfig)
@@ -55,7 +58,7 @@ def arith_config(preset: str = "default",
   if sizes != DEFAULT_SPLIT_SIZES:
     name += "-" + "-".join(str(sizes[s]) for s in SPLIT_SEEDS)
   return ArithConfig(name=name, task=cfg, split_sizes=sizes,
-                     description=f"{cfg}; split sizes {sizes}")
+                     description=f"task preset {preset!r}, split sizes {sizes}")
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -155,7 +158,11 @@ class TaskSource:
 
 def builder(preset: str = "default", data_dir: Optional[str] = None,
             split_sizes: Optional[Mapping[str, int]] = None) -> DreamRArith:
-  return DreamRArith(config=arith_config(preset, split_sizes), data_dir=data_dir)
+  """The builder of a preset; registered configs are passed by name (no TFDS warning)."""
+  config = arith_config(preset, split_sizes)
+  if config.name in DreamRArith.builder_configs:
+    return DreamRArith(config=config.name, data_dir=data_dir)
+  return DreamRArith(config=config, data_dir=data_dir)
 
 
 def load_task(config_name: str, split: str, data_dir: str,
@@ -177,6 +184,16 @@ def load_task(config_name: str, split: str, data_dir: str,
   """
   if split not in SPLIT_SEEDS:
     raise ValueError(f"unknown split {split!r}; choose from {sorted(SPLIT_SEEDS)}")
-  ds_builder = builder(config_name, data_dir, split_sizes)
-  ds_builder.download_and_prepare(file_format="array_record")
+  os.makedirs(data_dir, exist_ok=True)
+  config = arith_config(config_name, split_sizes)
+  lock_path = os.path.join(data_dir, f".dream_r_arith-{config.name}.lock")
+  # Processes sharing a data_dir (several hosts' processes on one machine) would race to
+  # rename their finished builds onto the same directory; one builds, the rest wait.
+  with open(lock_path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      ds_builder = builder(config_name, data_dir, split_sizes)
+      ds_builder.download_and_prepare(file_format="array_record")
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return TaskSource(ds_builder.as_data_source(split), num_examples)

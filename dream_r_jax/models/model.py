@@ -167,13 +167,13 @@ class Transformer(nnx.Module):
                attention_mask: Optional[jax.Array] = None,  # [B, T], 1 = real token
                pixel_values: Optional[jax.Array] = None,  # [num_patches, C*tp*p*p]
                image_grid_thw=None,  # [num_images, 3], host values (static)
+               rope_delta: Optional[jax.Array] = None,  # [B] M-RoPE offset to store
                return_hidden: bool = False):
     cfg = self.cfg
     b, t = input_ids.shape
     if pixel_values is not None:
       _check_image_tokens(cfg, input_ids, image_grid_thw)
     x = self.embed(input_ids, pixel_values, image_grid_thw)
-    rope_delta = None
     if cache is None:
       if positions is None:
         positions, rope_delta = self.default_positions(input_ids, attention_mask,

@@ -1,0 +1,207 @@
+"""Prefill / decode primitives and a jitted `generate` whose token loop runs on device.
+
+The model enters jitted code as `(graphdef, state)` (the NNX split): the graphdef is static,
+so each model structure compiles once, and the state is an ordinary pytree of arrays.
+
+Stopping, per row: an EOS token; `max_stops` step delimiters (`stop_ids`), where a step that
+reaches `max_step_tokens` tokens without a delimiter also ends; or the token budget. Rows
+stop independently; a stopped row no longer advances its cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dream_r_jax.decoding.sampling import SamplingConfig, sample
+from dream_r_jax.models.kv_cache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class StopConfig:
+  """When a row stops decoding (hashable: it is a static jit argument)."""
+  eos_ids: tuple[int, ...] = ()
+  stop_ids: tuple[int, ...] = ()   # step delimiters
+  max_stops: int = 0               # 0 = delimiters don't stop decoding
+  max_step_tokens: int = 0         # 0 = no per-step limit
+
+  @classmethod
+  def make(cls, eos_ids=(), stop_ids=(), max_stops=0, max_step_tokens=0) -> "StopConfig":
+    as_tuple = lambda x: tuple(int(i) for i in (np.atleast_1d(x) if x is not None else ()))
+    return cls(as_tuple(eos_ids), as_tuple(stop_ids), int(max_stops), int(max_step_tokens))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeOutput:
+  """Tokens generated per row and the state to continue from.
+
+  Attributes:
+    tokens: [B, N] generated ids, `pad` past each row's length.
+    lengths: [B] number of generated tokens.
+    step_lens: [B, max(max_stops, 1)] tokens in each completed or partial step.
+    hit_eos: [B] whether the row ended with an EOS token.
+    cache: the cache after feeding every generated token.
+    last_logits: [B, V] next-token logits after the last generated token.
+    forward_passes: number of model calls the loop made (batched).
+  """
+  tokens: jax.Array
+  lengths: jax.Array
+  step_lens: jax.Array
+  hit_eos: jax.Array
+  cache: KVCache
+  last_logits: jax.Array
+  forward_passes: jax.Array
+
+
+def _isin(tok, ids: tuple[int, ...]):
+  if not ids:
+    return jnp.zeros(tok.shape, bool)
+  return jnp.any(tok[..., None] == jnp.asarray(ids, tok.dtype), axis=-1)
+
+
+def prefill(graphdef, state, cache: KVCache, input_ids, num_new, positions=None,
+            rope_delta=None, pixel_values=None, image_grid_thw=None):
+  """Writes right-padded `input_ids` [B, T] (row b has `num_new[b]` real tokens).
+
+  Returns (logits at each row's last real token [B, V], cache). Jittable.
+  """
+  model = nnx.merge(graphdef, state)
+  with jax.named_scope("prefill"):
+    logits, cache = model(input_ids, cache=cache, num_new=num_new, positions=positions,
+                          rope_delta=rope_delta, pixel_values=pixel_values,
+                          image_grid_thw=image_grid_thw)
+  idx = jnp.maximum(num_new - 1, 0)
+  last = jnp.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0]
+  return last, cache
+
+
+def decode_loop(graphdef, state, cache: KVCache, last_logits, rng, active, *,
+                max_new: int, stop: StopConfig, sampling: SamplingConfig,
+                budget: Optional[jax.Array] = None, pad_id: int = 0,
+                forced: Optional[jax.Array] = None) -> DecodeOutput:
+  """Samples up to `max_new` tokens per row with a `lax.while_loop`. Jittable.
+
+  Args:
+    active: [B] bool, rows that decode at all.
+    budget: optional [B] per-row token budget (<= max_new).
+    forced: optional [B, max_new] tokens to feed instead of sampling (-1 = sample); lets a
+      caller replay known tokens through the same loop.
+  """
+  b = last_logits.shape[0]
+  n_steps = max(stop.max_stops, 1)
+  budget = jnp.full((b,), max_new, jnp.int32) if budget is None else budget.astype(jnp.int32)
+
+  def cond(c):
+    return (c["i"] < max_new) & jnp.any(c["active"])
+
+  def body(c):
+    rng, sub = jax.random.split(c["rng"])
+    tok = sample(c["logits"], sub, sampling)
+    if forced is not None:
+      f = jax.lax.dynamic_index_in_dim(forced, c["i"], axis=1, keepdims=False)
+      tok = jnp.where(f >= 0, f, tok)
+    act = c["active"]
+    tok = jnp.where(act, tok, pad_id)
+    rows = jnp.arange(b)
+    tokens = c["tokens"].at[rows, c["lengths"]].set(jnp.where(act, tok, c["tokens"][rows, c[
+        "lengths"]]), mode="drop")
+    lengths = c["lengths"] + act
+    step_idx = jnp.minimum(c["steps"], n_steps - 1)
+    step_lens = c["step_lens"].at[rows, step_idx].add(act.astype(jnp.int32))
+    is_eos = _isin(tok, stop.eos_ids) & act
+    ends_step = _isin(tok, stop.stop_ids) & act
+    if stop.max_step_tokens:
+      ends_step |= act & (step_lens[rows, step_idx] >= stop.max_step_tokens)
+    steps = c["steps"] + ends_step
+    done = is_eos | (lengths >= budget)
+    if stop.max_stops:
+      done |= steps >= stop.max_stops
+    with jax.named_scope("decode_step"):
+      model = nnx.merge(graphdef, state)
+      logits, cache = model(tok[:, None], cache=c["cache"], num_new=act.astype(jnp.int32))
+    new_logits = jnp.where(act[:, None], logits[:, 0], c["logits"])
+    return dict(i=c["i"] + 1, rng=rng, tokens=tokens, lengths=lengths, steps=steps,
+                step_lens=step_lens, hit_eos=c["hit_eos"] | is_eos, active=act & ~done,
+                cache=cache, logits=new_logits, passes=c["passes"] + 1)
+
+  init = dict(i=jnp.int32(0), rng=rng, tokens=jnp.full((b, max_new), pad_id, jnp.int32),
+              lengths=jnp.zeros((b,), jnp.int32), steps=jnp.zeros((b,), jnp.int32),
+              step_lens=jnp.zeros((b, n_steps), jnp.int32), hit_eos=jnp.zeros((b,), bool),
+              active=active & (budget > 0), cache=cache, logits=last_logits,
+              passes=jnp.int32(0))
+  c = jax.lax.while_loop(cond, body, init)
+  return DecodeOutput(tokens=c["tokens"], lengths=c["lengths"], step_lens=c["step_lens"],
+                      hit_eos=c["hit_eos"], cache=c["cache"], last_logits=c["logits"],
+                      forward_passes=c["passes"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "max_new", "stop",
+                                             "sampling", "cache_len", "image_grid_thw",
+                                             "pad_id"))
+def _generate(graphdef, state, prompt_ids, prompt_lens, rng, positions, rope_delta,
+              pixel_values, *, cfg, max_new, stop, sampling, cache_len, image_grid_thw, pad_id):
+  cache = KVCache.init(cfg, prompt_ids.shape[0], cache_len)
+  grid = None if image_grid_thw is None else np.asarray(image_grid_thw)
+  last, cache = prefill(graphdef, state, cache, prompt_ids, prompt_lens, positions,
+                        rope_delta, pixel_values, grid)
+  active = jnp.ones((prompt_ids.shape[0],), bool)
+  return decode_loop(graphdef, state, cache, last, rng, active, max_new=max_new, stop=stop,
+                     sampling=sampling, pad_id=pad_id)
+
+
+def generate(model, prompt_ids, prompt_lens=None, *, max_new_tokens: int,
+             eos_ids: Sequence[int] = (), stop_ids: Sequence[int] = (), max_stops: int = 0,
+             max_step_tokens: int = 0, sampling: SamplingConfig = SamplingConfig(),
+             rng: Optional[jax.Array] = None, pixel_values=None, image_grid_thw=None,
+             pad_id: int = 0) -> DecodeOutput:
+  """Generates continuations of right-padded prompts [B, T] on device.
+
+  Args:
+    model: a `Transformer`.
+    prompt_ids: [B, T] int, right-padded.
+    prompt_lens: [B] real prompt lengths (default: T for every row).
+    max_new_tokens: token budget per row.
+    eos_ids / stop_ids / max_stops / max_step_tokens: see `StopConfig`.
+    sampling: greedy by default.
+    rng: PRNG key for sampling.
+    pixel_values / image_grid_thw: Qwen2.5-VL image inputs, processor layout.
+
+  Returns:
+    A `DecodeOutput` (tokens, lengths, ...).
+  """
+  cfg = model.cfg
+  prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+  b, t = prompt_ids.shape
+  prompt_lens = (np.full((b,), t, np.int32) if prompt_lens is None
+                 else np.asarray(prompt_lens, np.int32))
+  if np.any(prompt_lens < 1) or np.any(prompt_lens > t):
+    raise ValueError(f"prompt_lens={prompt_lens.tolist()} must be in [1, {t}]")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  cache_len = t + max_new_tokens + 1
+  if cache_len > cfg.max_position_embeddings:
+    raise ValueError(
+        f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds the model's position "
+        f"limit max_position_embeddings={cfg.max_position_embeddings}")
+  positions = rope_delta = None
+  grid = None
+  if pixel_values is not None:
+    from dream_r_jax.models import mrope  # pylint: disable=g-import-not-at-top
+    grid = tuple(tuple(int(x) for x in row) for row in np.asarray(image_grid_thw))
+    mask = (np.arange(t)[None] < prompt_lens[:, None]).astype(np.int32)
+    positions, rope_delta = mrope.get_rope_index(cfg, np.asarray(prompt_ids), np.asarray(grid),
+                                                 mask)
+    positions, rope_delta = jnp.asarray(positions), jnp.asarray(rope_delta)
+  graphdef, state = nnx.split(model)
+  rng = jax.random.key(0) if rng is None else rng
+  stop = StopConfig.make(eos_ids, stop_ids, max_stops, max_step_tokens)
+  return _generate(graphdef, state, prompt_ids, jnp.asarray(prompt_lens), rng, positions,
+                   rope_delta, pixel_values, cfg=cfg, max_new=max_new_tokens, stop=stop,
+                   sampling=sampling, cache_len=cache_len, image_grid_thw=grid,
+                   pad_id=pad_id)
