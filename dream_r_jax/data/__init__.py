@@ -1,0 +1,1 @@
+"""Data: the bundled task (TFDS), benchmark files, the tokenizer and grain batching."""

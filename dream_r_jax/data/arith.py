@@ -79,7 +79,8 @@ def format_expression(tree) -> str:
   return f"{left_text} {op} {right_text}"
 
 
-def tree_operations(tree, values: Sequence[int]) -> tuple[int, list[tuple[int, str, int, int]]]:
+def tree_operations(tree, values: Sequence[int]
+                    ) -> tuple[int, list[tuple[int, str, int, int]]]:
   """Post-order evaluation: (value, [(x, op, y, result) per operation in step order])."""
   if isinstance(tree, int):
     return int(values[tree]), []
@@ -101,11 +102,12 @@ def evaluate_expression(expression: str, values: Values) -> int:
 
   def take():
     nonlocal pos
+    tok = peek()
     pos += 1
-    return tokens[pos - 1]
+    return tok
 
   def atom() -> int:
-    tok = take() if peek() is not None else None
+    tok = take()
     if tok == "(":
       value = sum_expr()
       if take() != ")":

@@ -55,7 +55,8 @@ def _question(record: dict[str, Any], choices: list[str], where: str) -> str:
                          f"'question' string)")
   if choices:
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    question += "\nChoices: " + " ".join(f"({letters[i]}) {c}" for i, c in enumerate(choices))
+    listed = " ".join(f"({letters[i]}) {c}" for i, c in enumerate(choices))
+    question += "\nChoices: " + listed
   return question
 
 

@@ -12,6 +12,11 @@ process order gives exactly the single-process batch (the layout that
 `jax.make_array_from_process_local_data` expects). Whether a row is a reasoning (SFT)
 or a verdict example, and which verdict, is drawn from a generator seeded by
 (seed, global position), so it does not depend on the number of processes either.
+
+The order is a permutation of record ids rather than `MapDataset.source(source)` so that
+records are read (and images decoded) only after sharding, by the process that uses them.
+The result is a `MapDataset`: batch k is `ds[k]`, so a run resumed at step k needs no
+iterator state; `ds.to_iter_dataset()` (optionally `.mp_prefetch(...)`) streams it.
 """
 from __future__ import annotations
 
@@ -128,6 +133,8 @@ def make_dataset(source, tokenizer, *, batch_size: int, max_len: int, seed: int 
     raise ValueError(f"batch_size {batch_size} is not divisible by {shard_count} shards")
   if not 0.0 <= verdict_ratio <= 1.0:
     raise ValueError(f"verdict_ratio must be in [0, 1], got {verdict_ratio}")
+  if not len(source):  # pylint: disable=g-explicit-length-test
+    raise ValueError("the source has no examples")
   if len(source) < batch_size and num_epochs is not None:
     raise ValueError(f"{len(source)} examples make no batch of {batch_size}")
   local = batch_size // shard_count

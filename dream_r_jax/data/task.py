@@ -206,7 +206,8 @@ def verdict_examples(example: dict[str, Any], rng: np.random.Generator,
   for step in example["steps"]:
     positive = step
     parsed = parse_step(step)
-    if parsed and parsed[0] == "op" and parsed[1][1] in ("+", "*") and rng.random() < swap_prob:
+    commutes = parsed and parsed[0] == "op" and parsed[1][1] in ("+", "*")
+    if commutes and rng.random() < swap_prob:
       x, op, y, z = parsed[1]
       positive = format_op_step(y, op, x, z)
     out.append((prefix, positive, True))

@@ -96,7 +96,8 @@ class DreamRArith(tfds.core.GeneratorBasedBuilder):
       features["image"] = tfds.features.Image(shape=cfg.image_shape, encoding_format="png")
     return tfds.core.DatasetInfo(
         builder=self,
-        description=__doc__,
+        description="Procedurally generated multimodal arithmetic reasoning: coloured "
+                    "tiles carry digits, the solution is one operation a step.",
         features=tfds.features.FeaturesDict(features),
         disable_shuffling=True,
         homepage="https://arxiv.org/abs/2605.28678",

@@ -119,8 +119,12 @@ def _image_ids(tokenizer, example: dict[str, Any], n: Optional[int]) -> list[int
   return [start] + [pad] * n + [end]
 
 
+# pylint: disable=redefined-outer-name
+# (`num_image_tokens` is both a helper and the natural argument name of the encoders.)
+
+
 def encode_prompt(tokenizer, example: dict[str, Any],
-                  num_image_tokens: Optional[int] = None) -> np.ndarray:  # pylint: disable=redefined-outer-name
+                  num_image_tokens: Optional[int] = None) -> np.ndarray:
   """bos [vision_start image_pad*n vision_end] question delimiter, as int32 ids.
 
   Args:
@@ -133,8 +137,8 @@ def encode_prompt(tokenizer, example: dict[str, Any],
   return np.asarray(ids, np.int32)
 
 
-def encode_sft(tokenizer, example: dict[str, Any],
-               num_image_tokens: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:  # pylint: disable=redefined-outer-name
+def encode_sft(tokenizer, example: dict[str, Any], num_image_tokens: Optional[int] = None
+               ) -> tuple[np.ndarray, np.ndarray]:
   """Reasoning SFT: prompt, steps (each followed by the delimiter) and eos.
 
   Returns:
@@ -161,7 +165,8 @@ def verdict_token_ids(tokenizer) -> tuple[int, int]:
 
 def encode_verdict(tokenizer, example: dict[str, Any], prefix_text: str,
                    candidate_step: str, label: bool,
-                   num_image_tokens: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:  # pylint: disable=redefined-outer-name
+                   num_image_tokens: Optional[int] = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
   """A judge example: bos [image] prefix candidate delimiter template verdict.
 
   Args:

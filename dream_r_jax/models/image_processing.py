@@ -6,9 +6,9 @@ bicubic resampling of the uint8 image, rescale by 1/255, normalise with the Open
 mean/std, then patchify into `pixel_values` [num_patches, 3 * 2 * 14 * 14] with each image
 repeated over the 2 temporal patches, and `image_grid_thw` [num_images, 3].
 
-The resampler is a port of Pillow's fixed-point two-pass bicubic filter (horizontal, round
-to uint8, vertical), so it reproduces `PIL.Image.resize(..., BICUBIC)` bit for bit rather
-than approximating it. The torchvision ("fast") processor resizes with its own kernel and
+The resampler is a port of Pillow's fixed-point two-pass bicubic filter (one axis, round to
+uint8, the other axis), so it reproduces `PIL.Image.resize(..., BICUBIC)` of Pillow >= 13
+bit for bit rather than approximating it. The torchvision ("fast") processor resizes with its own kernel and
 differs from this by up to a grey level on some pixels.
 """
 from __future__ import annotations
@@ -83,22 +83,29 @@ def _coefficients(in_size: int, out_size: int):
 def _resample_axis(img: np.ndarray, out_size: int, axis: int) -> np.ndarray:
   """One Pillow pass along `axis` of a uint8 image: fixed-point sum, round, clip."""
   index, w = _coefficients(img.shape[axis], out_size)
-  taps = np.take(img.astype(np.int64), index, axis=axis)  # axis -> (out, k)
-  shape = [1] * taps.ndim
-  shape[axis], shape[axis + 1] = w.shape
-  acc = (taps * w.reshape(shape)).sum(axis=axis + 1) + (1 << (_PRECISION_BITS - 1))
-  return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+  src = np.moveaxis(img, axis, 0).astype(np.int32)  # [in, other, C]
+  # Pillow accumulates in int32 too; its two spare bits keep the sum from overflowing.
+  acc = np.full((out_size,) + src.shape[1:], 1 << (_PRECISION_BITS - 1), np.int32)
+  for j in range(w.shape[1]):
+    acc += src[index[:, j]] * w[:, j, None, None].astype(np.int32)
+  out = np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+  return np.moveaxis(out, 0, axis)
 
 
 def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
   """`PIL.Image.fromarray(image).resize((width, height), BICUBIC)` for uint8 [H, W, C]."""
-  if image.shape[:2] == (height, width):
+  in_h, in_w = image.shape[:2]
+  if (in_h, in_w) == (height, width):
     return image.copy()
+  # The intermediate is rounded to uint8, so the pass order changes the result. Pillow 13
+  # runs the vertical pass first when the height shrinks by more than twice as many pixels
+  # as the width (python-pillow/Pillow#9549); earlier versions always went horizontal first.
+  vertical_first = in_h > height and in_h - height > 2 * (in_w - width)
   out = image
-  if width != image.shape[1]:
-    out = _resample_axis(out, width, axis=1)
-  if height != image.shape[0]:
-    out = _resample_axis(out, height, axis=0)
+  for axis in ((0, 1) if vertical_first else (1, 0)):
+    size = (height, width)[axis]
+    if out.shape[axis] != size:
+      out = _resample_axis(out, size, axis=axis)
   return out
 
 

@@ -168,6 +168,7 @@ class Transformer(nnx.Module):
                pixel_values: Optional[jax.Array] = None,  # [num_patches, C*tp*p*p]
                image_grid_thw=None,  # [num_images, 3], host values (static)
                rope_delta: Optional[jax.Array] = None,  # [B] M-RoPE offset to store
+               new_mask: Optional[jax.Array] = None,  # [B, T, T] mask among new tokens
                return_hidden: bool = False):
     cfg = self.cfg
     b, t = input_ids.shape
@@ -197,7 +198,16 @@ class Transformer(nnx.Module):
           positions = write_pos + cache.rope_delta[:, None]
           if cfg.mrope_section is not None:
             positions = jnp.broadcast_to(positions[None], (3, b, t))
-      mask = jnp.arange(cache.max_len)[None, None, :] <= write_pos[:, :, None]  # [B, T, S]
+      if new_mask is None:
+        mask = jnp.arange(cache.max_len)[None, None, :] <= write_pos[:, :, None]  # [B, T, S]
+      else:
+        # Cached positions are all visible; among the new tokens `new_mask` decides (this
+        # is how one pass verifies K drafted steps, each verdict segment seeing the prefix
+        # up to its own step and nothing of the other segments).
+        rel = jnp.arange(cache.max_len)[None, None, :] - cache.lengths[:, None, None]
+        idx = jnp.broadcast_to(jnp.clip(rel, 0, t - 1), (b, t, cache.max_len))
+        in_new = jnp.take_along_axis(new_mask.astype(bool), idx, axis=2)
+        mask = (rel < 0) | ((rel < t) & in_new)
 
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     cos, sin = layers.rope_cos_sin(positions, inv_freq, cfg.mrope_section)

@@ -153,8 +153,8 @@ class VisionAttention(nnx.Module):
   def __call__(self, x, cos, sin, mask):
     """x [S, D]; cos/sin [S, H] float32; mask [S, S] bool -> [S, D]."""
     dt = self.dtype
-    qkv = jnp.einsum("SD,DNH->SNH", x, self.qkv_weight_dnh.value.astype(dt))
-    qkv = qkv + self.qkv_bias_nh.value.astype(dt)
+    qkv = jnp.einsum("SD,DNH->SNH", x, self.qkv_weight_dnh[...].astype(dt))
+    qkv = qkv + self.qkv_bias_nh[...].astype(dt)
     q, k, v = jnp.split(qkv, 3, axis=-1)  # [S, N, H] each
     q = layers.apply_rope(q[None], cos[None], sin[None])[0]
     k = layers.apply_rope(k[None], cos[None], sin[None])[0]
@@ -163,8 +163,8 @@ class VisionAttention(nnx.Module):
     logits = jnp.where(mask[None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("NST,TNH->SNH", probs, v)
-    out = jnp.einsum("SNH,NHD->SD", out, self.o_weight_nhd.value.astype(dt))
-    return out + self.o_bias_d.value.astype(dt)
+    out = jnp.einsum("SNH,NHD->SD", out, self.o_weight_nhd[...].astype(dt))
+    return out + self.o_bias_d[...].astype(dt)
 
 
 class VisionBlock(nnx.Module):
@@ -198,12 +198,12 @@ class PatchMerger(nnx.Module):
 
   def __call__(self, x):  # [S, D] -> [S / U, out_hidden_size]
     dt = self.dtype
-    x = self.ln_q(x).reshape(-1, self.fc1_weight_mf.value.shape[0])
-    x = jnp.einsum("SM,MF->SF", x, self.fc1_weight_mf.value.astype(dt))
+    x = self.ln_q(x).reshape(-1, self.fc1_weight_mf.shape[0])
+    x = jnp.einsum("SM,MF->SF", x, self.fc1_weight_mf[...].astype(dt))
     # torch.nn.GELU() is the exact (erf) form.
-    x = jax.nn.gelu(x + self.fc1_bias_f.value.astype(dt), approximate=False)
-    x = jnp.einsum("SF,FD->SD", x, self.fc2_weight_fd.value.astype(dt))
-    return x + self.fc2_bias_d.value.astype(dt)
+    x = jax.nn.gelu(x + self.fc1_bias_f[...].astype(dt), approximate=False)
+    x = jnp.einsum("SF,FD->SD", x, self.fc2_weight_fd[...].astype(dt))
+    return x + self.fc2_bias_d[...].astype(dt)
 
 
 class VisionTower(nnx.Module):
@@ -242,7 +242,7 @@ class VisionTower(nnx.Module):
     vcfg, dt = self.cfg, self.dtype
     lay = vision_layout(vcfg, image_grid_thw)
     total = lay.rope_positions.shape[0]
-    p = self.patch_weight_pd.value.shape[0]
+    p = self.patch_weight_pd.shape[0]
     if pixel_values.shape != (total, p):
       raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)} but "
                        f"image_grid_thw {[list(g) for g in _as_grid(image_grid_thw)]} needs "
@@ -250,7 +250,7 @@ class VisionTower(nnx.Module):
     unit = vcfg.spatial_merge_size ** 2
     with jax.named_scope("vision_tower"):
       x = jnp.einsum("SP,PD->SD", pixel_values.astype(dt),
-                     self.patch_weight_pd.value.astype(dt))
+                     self.patch_weight_pd[...].astype(dt))
       x = x.reshape(total // unit, unit, -1)[lay.window_index].reshape(total, -1)
       cos, sin = self.rope(lay.rope_positions)
       full = jnp.asarray(lay.full_segments)
@@ -283,14 +283,9 @@ def _linear(a: np.ndarray, shape) -> np.ndarray:
   return np.asarray(a).T.reshape(shape)
 
 
-def _linear_o_hf(p: np.ndarray, hf_shape) -> np.ndarray:
+def _linear_hf(p: np.ndarray, hf_shape) -> np.ndarray:
   """Input-first weight whose last axis is the output -> torch [out, in]."""
   return np.asarray(p).reshape(-1, p.shape[-1]).T
-
-
-def _linear_i_hf(p: np.ndarray, hf_shape) -> np.ndarray:
-  """Input-first weight whose first axis is the input -> torch [out, in]."""
-  return np.asarray(p).reshape(p.shape[0], -1).T
 
 
 def _patch(a: np.ndarray, shape) -> np.ndarray:
@@ -342,18 +337,18 @@ VISION_RULES: list[Rule] = [
     (_B + r"norm2\.weight", "blocks.{0}.norm2.scale_d", _same, _same_hf),
     (_B + r"attn\.qkv\.weight", "blocks.{0}.attn.qkv_weight_dnh", _qkv, _qkv_hf),
     (_B + r"attn\.qkv\.bias", "blocks.{0}.attn.qkv_bias_nh", _qkv_bias, _qkv_bias_hf),
-    (_B + r"attn\.proj\.weight", "blocks.{0}.attn.o_weight_nhd", _linear, _linear_i_hf),
+    (_B + r"attn\.proj\.weight", "blocks.{0}.attn.o_weight_nhd", _linear, _linear_hf),
     (_B + r"attn\.proj\.bias", "blocks.{0}.attn.o_bias_d", _same, _same_hf),
-    (_B + r"mlp\.gate_proj\.weight", "blocks.{0}.mlp.gate_weight_df", _linear, _linear_o_hf),
+    (_B + r"mlp\.gate_proj\.weight", "blocks.{0}.mlp.gate_weight_df", _linear, _linear_hf),
     (_B + r"mlp\.gate_proj\.bias", "blocks.{0}.mlp.gate_bias_f", _same, _same_hf),
-    (_B + r"mlp\.up_proj\.weight", "blocks.{0}.mlp.up_weight_df", _linear, _linear_o_hf),
+    (_B + r"mlp\.up_proj\.weight", "blocks.{0}.mlp.up_weight_df", _linear, _linear_hf),
     (_B + r"mlp\.up_proj\.bias", "blocks.{0}.mlp.up_bias_f", _same, _same_hf),
-    (_B + r"mlp\.down_proj\.weight", "blocks.{0}.mlp.down_weight_fd", _linear, _linear_o_hf),
+    (_B + r"mlp\.down_proj\.weight", "blocks.{0}.mlp.down_weight_fd", _linear, _linear_hf),
     (_B + r"mlp\.down_proj\.bias", "blocks.{0}.mlp.down_bias_d", _same, _same_hf),
     (r"merger\.ln_q\.weight", "merger.ln_q.scale_d", _same, _same_hf),
-    (r"merger\.mlp\.0\.weight", "merger.fc1_weight_mf", _linear, _linear_o_hf),
+    (r"merger\.mlp\.0\.weight", "merger.fc1_weight_mf", _linear, _linear_hf),
     (r"merger\.mlp\.0\.bias", "merger.fc1_bias_f", _same, _same_hf),
-    (r"merger\.mlp\.2\.weight", "merger.fc2_weight_fd", _linear, _linear_o_hf),
+    (r"merger\.mlp\.2\.weight", "merger.fc2_weight_fd", _linear, _linear_hf),
     (r"merger\.mlp\.2\.bias", "merger.fc2_bias_d", _same, _same_hf),
 ]
 
@@ -412,12 +407,12 @@ def load_vision_params(module: VisionTower, tensors: dict[str, np.ndarray],
     except (AttributeError, IndexError):
       errors.append(f"vision weight {key!r} maps to {path!r}, which the model lacks")
       continue
-    shape = tuple(param.value.shape)
+    shape = tuple(param.shape)
     hf = np.asarray(tensors[key])
     if hf.size != math.prod(shape):
       errors.append(f"vision weight {key!r} has shape {hf.shape}; {path} needs {shape}")
       continue
-    param.value = jnp.asarray(to_jax(hf, shape), param.value.dtype)
+    param[...] = jnp.asarray(to_jax(hf, shape), param.dtype)
     assigned.add(path)
   expected = {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(
       nnx.state(module, nnx.Param))}
@@ -434,7 +429,7 @@ def vision_params_to_hf(module: VisionTower, prefix: str = "visual.") -> dict[st
   out = {}
   for key, shape in shapes.items():
     path, _, to_hf = _match(key)
-    out[prefix + key] = np.asarray(to_hf(np.asarray(_get_param(module, path).value), shape))
+    out[prefix + key] = np.asarray(to_hf(np.asarray(_get_param(module, path)[...]), shape))
   return out
 
 

@@ -43,7 +43,7 @@ def get_loss(name: str) -> LossFn:
 
 def _check_hparams(eps_low, eps_high, beta) -> None:
   for name, value, ok, want in (
-      ("eps_low", eps_low, lambda v: 0.0 <= v < 1.0, "[0, 1)"),
+      ("eps_low", eps_low, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
       ("eps_high", eps_high, lambda v: v >= 0.0, ">= 0"),
       ("beta", beta, lambda v: v >= 0.0, ">= 0")):
     if isinstance(value, jax.core.Tracer):

@@ -79,7 +79,8 @@ def test_extreme_ratios():
 def test_gradient_matches_finite_differences():
   new, old, ref, adv, mask = _random_batch(4, n=3, t=4)
   _, _, grad = _loss_and_grad(new, old, ref, adv, mask)
-  f = lambda x: float(sapo.sapo_loss(jnp.asarray(x), old, ref, adv, mask, **HP)[0])
+  loss_fn = jax.jit(lambda x: sapo.sapo_loss(x, old, ref, adv, mask, **HP)[0])
+  f = lambda x: float(loss_fn(jnp.asarray(x, jnp.float32)))
   h = 1e-2
   for i, j in np.argwhere(mask)[:6]:
     step = np.zeros_like(new)
@@ -160,7 +161,7 @@ def test_loss_registry_and_grpo_symmetric_clip():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(eps_low=1.0), r"eps_low must be \[0, 1\), got eps_low=1.0"),
+    (dict(eps_low=1.0), r"eps_low must be in \[0, 1\), got eps_low=1.0"),
     (dict(eps_high=-0.1), r"eps_high must be >= 0"),
     (dict(beta=float("nan")), r"beta must be >= 0"),
     (dict(advantages=np.zeros((6, 1), np.float32)), r"advantages must have shape \(6,\)"),

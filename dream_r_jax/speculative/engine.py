@@ -1,0 +1,342 @@
+"""The speculative-reasoning engine: FPSR and the sequential reference loop.
+
+Draft and target each live on their own mesh (`RoleModel`). A round is three device programs
+(`programs.py`); the engine only decides, per row, what to commit. Two schedules share them:
+
+  * `sequential`: draft chain r, then verify it, then sync the draft (the reference);
+  * `fpsr`: while the target verifies chain r on its mesh, the draft already drafts chain
+    r+1 on its own mesh, assuming chain r is accepted whole. Rows that accepted everything
+    keep that chain; the others discard it, sync, and draft again. Outputs are identical to
+    `sequential`; only timing changes.
+
+Each program runs under `jax.shard_map` over its mesh's "data" axis (rows are independent, so
+each data shard runs its own token loop and stops when its own rows are done); the "model"
+axis stays automatic (tensor parallelism via the sharding rules).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import functools
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dream_r_jax.decoding import generate as gen
+from dream_r_jax.models.kv_cache import KVCache
+from dream_r_jax.sharding import rules as sharding_rules
+from dream_r_jax.speculative import programs
+from dream_r_jax.speculative.programs import RoundConfig
+
+
+class RoleModel:
+  """A model placed on its role's mesh, split into (graphdef, state) for the programs."""
+
+  def __init__(self, model, mesh, rules=sharding_rules.DEFAULT_RULES):
+    self.cfg = model.cfg
+    self.mesh = mesh
+    sharding_rules.shard_model(model, mesh, rules)
+    self.graphdef, self.state = nnx.split(model)
+    self.devices = set(mesh.devices.flat)
+
+  @property
+  def data_size(self) -> int:
+    return int(self.mesh.shape.get("data", 1))
+
+  def rows_sharding(self, batch: int) -> NamedSharding:
+    spec = P("data") if batch % self.data_size == 0 else P()
+    return NamedSharding(self.mesh, spec)
+
+  def put_rows(self, tree, batch: int):
+    return jax.device_put(tree, self.rows_sharding(batch))
+
+  def replicated(self, tree):
+    return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+
+@dataclasses.dataclass
+class RowStats:
+  """Per-example statistics of one engine run."""
+  rounds: int = 0
+  steps_drafted: int = 0
+  steps_accepted: int = 0
+  target_forward_passes: int = 0
+  draft_forward_passes: int = 0
+  draft_tokens: int = 0      # committed tokens that came from the draft
+  target_tokens: int = 0     # committed tokens the target decoded itself
+  accept_by_position: list = dataclasses.field(default_factory=list)  # per round: [K] 0/1/-1
+  scores: list = dataclasses.field(default_factory=list)              # per round: [K] floats
+
+
+@dataclasses.dataclass
+class EngineOutput:
+  tokens: list              # per row: committed generated token ids
+  stats: list               # per row: RowStats
+  timeline: list            # (phase, role, start_s, end_s) from the engine's own clock
+  wall_s: float
+
+
+def _row_specs(tree, data: bool):
+  spec = P("data") if data else P()
+  return jax.tree.map(lambda _: spec, tree)
+
+
+class SpeculativeEngine:
+  """Runs speculative reasoning over batches of prompts with draft and target models."""
+
+  def __init__(self, draft: RoleModel, target: RoleModel, rc: RoundConfig, *,
+               overlap: str = "threads"):
+    if draft.devices & target.devices and overlap != "none":
+      # Disjoint meshes are what lets the two programs run at the same time.
+      raise ValueError("draft and target meshes share devices: "
+                       f"{sorted(d.id for d in draft.devices & target.devices)}")
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+      raise ValueError(f"draft vocab_size {draft.cfg.vocab_size} != target vocab_size "
+                       f"{target.cfg.vocab_size}: draft and target must share a tokenizer")
+    if overlap not in ("threads", "async", "none"):
+      raise ValueError(f"overlap={overlap!r}; expected 'threads', 'async' or 'none'")
+    self.draft, self.target, self.rc, self.overlap = draft, target, rc, overlap
+    self._pool = cf.ThreadPoolExecutor(max_workers=2)
+    self._mrope_t = target.cfg.mrope_section is not None
+    self._mrope_d = draft.cfg.mrope_section is not None
+
+  # ---------------------------------------------------------------------------------------
+  # Jitted programs (built once per shape/config; the graphdefs are static).
+  # ---------------------------------------------------------------------------------------
+  def _sharded(self, role: RoleModel, fn, n_row_args: int, n_rep_args: int, batch: int):
+    data = batch % role.data_size == 0 and role.data_size > 1
+
+    def wrapped(state, *args):
+      return fn(role.graphdef, state, *args)
+
+    if not data:
+      return jax.jit(wrapped)
+
+    def call(state, *args):
+      row_args, rep_args = args[:n_row_args], args[n_row_args:]
+      in_specs = (jax.tree.map(lambda _: P(), state),) + tuple(
+          _row_specs(a, True) for a in row_args) + tuple(
+              jax.tree.map(lambda _: P(), a) for a in rep_args)
+      out_shape = jax.eval_shape(wrapped, state, *args)
+      return jax.shard_map(wrapped, mesh=role.mesh, in_specs=in_specs,
+                           out_specs=_row_specs(out_shape, True), axis_names={"data"},
+                           check_vma=False)(state, *args)
+
+    return jax.jit(call)
+
+  @functools.lru_cache(maxsize=None)
+  def _draft_prog(self, batch):
+    fn = lambda g, s, cache, last, active, budget, rng: programs.draft_chain(
+        g, s, cache, last, rng, active, budget, rc=self.rc)
+    return self._sharded(self.draft, fn, 4, 1, batch)
+
+  @functools.lru_cache(maxsize=None)
+  def _target_prog(self, batch):
+    fn = lambda g, s, cache, last, chain, lens, active, budget, rng: programs.target_round(
+        g, s, cache, last, chain, lens, active, budget, rng, rc=self.rc, mrope=self._mrope_t)
+    return self._sharded(self.target, fn, 6, 1, batch)
+
+  @functools.lru_cache(maxsize=None)
+  def _sync_prog(self, batch):
+    fn = lambda g, s, cache, last, new_len, toks, num, active: programs.draft_sync(
+        g, s, cache, last, new_len, toks, num, active)
+    return self._sharded(self.draft, fn, 6, 0, batch)
+
+  # ---------------------------------------------------------------------------------------
+  def _prefill(self, role: RoleModel, ids, lens, cache_len, images):
+    b = ids.shape[0]
+    cache = role.put_rows(KVCache.init(role.cfg, b, cache_len), b)
+    positions = rope_delta = pixel_values = grid = None
+    if images is not None and role.cfg.vision is not None:
+      pixel_values, grid, positions, rope_delta = images(role.cfg)
+    fn = _prefill_jit(role.graphdef, grid)
+    last, cache = fn(role.state, cache, role.put_rows(jnp.asarray(ids), b),
+                     role.put_rows(jnp.asarray(lens), b), positions, rope_delta, pixel_values)
+    return cache, last
+
+  def _run(self, role: str, fn, timeline, phase, t0):
+    start = time.perf_counter() - t0
+    out = jax.block_until_ready(fn())
+    timeline.append((phase, role, start, time.perf_counter() - t0))
+    return out
+
+  def _both(self, target_fn, draft_fn, timeline, t0, draft_phase):
+    """Runs a target program and a draft program, overlapped per `self.overlap`."""
+    if self.overlap == "threads":
+      ft = self._pool.submit(self._run, "target", target_fn, timeline, "verify+fallback", t0)
+      fd = self._pool.submit(self._run, "draft", draft_fn, timeline, draft_phase, t0)
+      return ft.result(), fd.result()
+    if self.overlap == "async":
+      start = time.perf_counter() - t0
+      t_out, d_out = target_fn(), draft_fn()  # both dispatched before either is awaited
+      jax.block_until_ready(d_out)
+      timeline.append((draft_phase, "draft", start, time.perf_counter() - t0))
+      jax.block_until_ready(t_out)
+      timeline.append(("verify+fallback", "target", start, time.perf_counter() - t0))
+      return t_out, d_out
+    t_out = self._run("target", target_fn, timeline, "verify+fallback", t0)
+    d_out = self._run("draft", draft_fn, timeline, draft_phase, t0)
+    return t_out, d_out
+
+  def run(self, prompt_ids, prompt_lens, *, max_new_tokens: int, schedule: str = "fpsr",
+          rng: Optional[jax.Array] = None, images=None, max_rounds: Optional[int] = None
+          ) -> EngineOutput:
+    """Generates up to `max_new_tokens` per row with speculative reasoning.
+
+    Args:
+      prompt_ids: [B, T] right-padded prompts (numpy).
+      prompt_lens: [B] prompt lengths.
+      max_new_tokens: token budget per row.
+      schedule: "fpsr" (parallel) or "sequential" (reference).
+      rng: key for draft sampling (greedy drafts ignore it).
+      images: optional callable cfg -> (pixel_values, grid, positions, rope_delta) for
+        multimodal prompts (see `dream_r_jax.speculative.inputs`).
+      max_rounds: optional cap on rounds (default: enough for the budget).
+    """
+    if schedule not in ("fpsr", "sequential"):
+      raise ValueError(f"schedule={schedule!r}; expected 'fpsr' or 'sequential'")
+    prompt_ids = np.asarray(prompt_ids, np.int32)
+    lens = np.asarray(prompt_lens, np.int32)
+    b, t = prompt_ids.shape
+    rc = self.rc
+    cache_len = t + max_new_tokens + 2 * rc.chain_len + rc.num_steps * max(
+        len(rc.template_ids), 1) + 2
+    for cfg, name in ((self.draft.cfg, "draft"), (self.target.cfg, "target")):
+      if cache_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt length {t} + max_new_tokens {max_new_tokens} + chain room needs "
+            f"{cache_len} positions, more than the {name}'s max_position_embeddings="
+            f"{cfg.max_position_embeddings}")
+    rng = jax.random.key(0) if rng is None else rng
+    timeline: list = []
+    t0 = time.perf_counter()
+
+    (cache_t, last_t), (cache_d, last_d) = self._both(
+        lambda: self._prefill(self.target, prompt_ids, lens, cache_len, images),
+        lambda: self._prefill(self.draft, prompt_ids, lens, cache_len, images),
+        timeline, t0, "prefill")
+    stats = [RowStats(target_forward_passes=1, draft_forward_passes=1) for _ in range(b)]
+    out_tokens = [[] for _ in range(b)]
+    committed = lens.astype(np.int32).copy()  # absolute committed length (both caches)
+    budget = np.full((b,), max_new_tokens, np.int32)
+    done = np.zeros((b,), bool)
+
+    dput = lambda x: self.draft.put_rows(jnp.asarray(x), b)
+    tput = lambda x: self.target.put_rows(jnp.asarray(x), b)
+    draft_prog, target_prog, sync_prog = (self._draft_prog(b), self._target_prog(b),
+                                          self._sync_prog(b))
+    rep_d = lambda k: self.draft.replicated(k)
+    rep_t = lambda k: self.target.replicated(k)
+
+    def draft_call(cache, last, active, bud, r):
+      key = rep_d(jax.random.fold_in(rng, r))
+      return lambda: draft_prog(self.draft.state, cache, last, dput(active), dput(bud), key)
+
+    d = self._run("draft", draft_call(cache_d, last_d, ~done, budget, 0), timeline, "draft",
+                  t0)
+    max_rounds = max_rounds or (max_new_tokens + 1)
+    r = 0
+    while not done.all() and r < max_rounds:
+      active = ~done
+      chain_dev = jax.device_put(d["chain"], self.target.rows_sharding(b))
+      lens_dev = jax.device_put(d["step_lens"], self.target.rows_sharding(b))
+      tkey = rep_t(jax.random.fold_in(rng, 10_000_019 + r))
+      target_fn = lambda: target_prog(self.target.state, cache_t, last_t, chain_dev, lens_dev,
+                                      tput(active), tput(budget), tkey)
+      if schedule == "fpsr":
+        spec_fn = draft_call(d["cache"], d["last_logits"], active, budget - np.asarray(
+            d["step_lens"]).sum(-1).astype(np.int32), r + 1)
+        tr, spec = self._both(target_fn, spec_fn, timeline, t0, "draft (speculative)")
+      else:
+        tr, spec = self._run("target", target_fn, timeline, "verify+fallback", t0), None
+      h = jax.device_get({k: v for k, v in tr.items() if k not in ("cache", "last_logits")})
+      chain_h = np.asarray(jax.device_get(d["chain"]))
+      step_lens_h = np.asarray(jax.device_get(d["step_lens"]))
+      cache_t, last_t = tr["cache"], tr["last_logits"]
+
+      for i in np.nonzero(active)[0]:
+        st, acc_tok, fb_len = stats[i], int(h["acc_tokens"][i]), int(h["fb_lens"][i])
+        new = list(chain_h[i, :acc_tok]) + list(h["fb_tokens"][i, :fb_len])
+        out_tokens[i].extend(int(x) for x in new)
+        st.rounds += 1
+        st.steps_drafted += int(h["n_drafted"][i])
+        st.steps_accepted += int(h["acc"][i])
+        st.draft_forward_passes += int(step_lens_h[i].sum())
+        st.target_forward_passes += 1 + fb_len
+        st.draft_tokens += acc_tok
+        st.target_tokens += fb_len
+        nd = int(h["n_drafted"][i])
+        st.accept_by_position.append(
+            [int(h["accept"][i, j]) if j < nd else -1 for j in range(rc.num_steps)])
+        st.scores.append([float(x) for x in h["scores"][i]])
+        budget[i] -= len(new)
+        if budget[i] <= 0 or any(tok in rc.eos_ids for tok in new):
+          done[i] = True
+      synced = active & h["need_fb"] & ~done
+      new_len = committed + h["acc_tokens"]
+      committed = committed + h["acc_tokens"] + h["fb_lens"]
+      r += 1
+      if done.all():
+        break
+
+      if schedule == "fpsr":
+        base_cache, base_last = spec["cache"], spec["last_logits"]
+      else:
+        base_cache, base_last = d["cache"], d["last_logits"]
+      if synced.any():
+        start = time.perf_counter() - t0
+        base_cache, base_last = jax.block_until_ready(sync_prog(
+            self.draft.state, base_cache, base_last, dput(new_len),
+            jax.device_put(tr["fb_tokens"], self.draft.rows_sharding(b)),
+            jax.device_put(tr["fb_lens"], self.draft.rows_sharding(b)), dput(synced)))
+        timeline.append(("sync", "draft", start, time.perf_counter() - t0))
+        for i in np.nonzero(synced)[0]:
+          stats[i].draft_forward_passes += 1
+      if schedule == "fpsr":
+        redraft = synced
+        if redraft.any():
+          fresh = self._run("draft", draft_call(base_cache, base_last, redraft, budget, r),
+                            timeline, "draft", t0)
+          keep = jnp.asarray(~redraft)
+          d = _merge_rows(self.draft, keep, spec, fresh)
+        else:
+          d = spec
+      else:
+        d = self._run("draft", draft_call(base_cache, base_last, ~done, budget, r), timeline,
+                      "draft", t0)
+    return EngineOutput(tokens=out_tokens, stats=stats, timeline=timeline,
+                        wall_s=time.perf_counter() - t0)
+
+
+def _merge_rows(role: RoleModel, keep, a: dict, b: dict) -> dict:
+  """Row-wise select between two draft outputs (keep a where `keep`)."""
+  keep = role.put_rows(keep, keep.shape[0])
+
+  def sel(x, y):
+    k = keep.reshape((-1,) + (1,) * (x.ndim - 1)) if x.ndim else keep
+    return jnp.where(k, x, y)
+
+  out = {}
+  for name in ("chain", "step_lens", "hit_eos", "last_logits", "passes"):
+    out[name] = sel(a[name], b[name])
+  # Both caches descend from the same synced cache: rows kept from `a` were never touched by
+  # the fresh draft (inactive there), so the fresh cache holds them unchanged... except that
+  # `a`'s rows advanced by the speculative chain, which the fresh cache also descends from.
+  out["cache"] = b["cache"]
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _prefill_jit(graphdef, grid):
+
+  @jax.jit
+  def fn(state, cache, ids, lens, positions, rope_delta, pixel_values):
+    return gen.prefill(graphdef, state, cache, ids, lens, positions, rope_delta, pixel_values,
+                       None if grid is None else np.asarray(grid))
+
+  return fn

@@ -1,0 +1,134 @@
+"""The three device programs of a speculative-reasoning round, as pure jittable functions.
+
+  * `draft_chain`: the draft proposes up to K steps (on the draft mesh);
+  * `target_round`: the target verifies all K steps in one pass, applies the verifier, finds
+    the first rejection, rolls its cache back and decodes its own fallback step (on the
+    target mesh);
+  * `draft_sync`: the draft's cache is rolled back to the committed prefix and fed the
+    target's fallback step.
+
+Each takes the model as `(graphdef, state)` and a static `RoundConfig`, and treats batch
+rows independently, so the engine can split rows over a mesh's data axis with `shard_map`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dream_r_jax.decoding.generate import StopConfig, decode_loop
+from dream_r_jax.decoding.sampling import SamplingConfig
+from dream_r_jax.models.kv_cache import KVCache
+from dream_r_jax.speculative import chain as chain_lib
+from dream_r_jax.speculative import tbvm
+from dream_r_jax.speculative.verifiers import VerifierConfig, VerifierInputs, verify
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundConfig:
+  """Static settings of a round (hashable, a jit static argument)."""
+  num_steps: int                      # K
+  max_step_tokens: int                # L
+  delimiter_ids: tuple[int, ...]
+  eos_ids: tuple[int, ...]
+  template_ids: tuple[int, ...]       # verify template appended after each step
+  verifier: VerifierConfig
+  draft_sampling: SamplingConfig = SamplingConfig()
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.num_steps < 1:
+      raise ValueError(f"num_steps (K) = {self.num_steps} must be >= 1")
+    if self.max_step_tokens < 1:
+      raise ValueError(f"max_step_tokens = {self.max_step_tokens} must be >= 1")
+    if not self.delimiter_ids:
+      raise ValueError("delimiter_ids must name at least one step-delimiter token")
+    if self.verifier.name in ("cpn", "score") and not self.template_ids:
+      raise ValueError(f"verifier {self.verifier.name!r} needs a verify template "
+                       "(template_ids is empty)")
+
+  @property
+  def chain_len(self) -> int:
+    return self.num_steps * self.max_step_tokens
+
+  def step_stop(self, max_stops: int) -> StopConfig:
+    return StopConfig(eos_ids=self.eos_ids, stop_ids=self.delimiter_ids, max_stops=max_stops,
+                      max_step_tokens=self.max_step_tokens)
+
+
+def draft_chain(graphdef, state, cache: KVCache, last_logits, rng, active, budget, *,
+                rc: RoundConfig):
+  """Drafts up to K steps per active row. Returns a dict (chain, step_lens, ...)."""
+  with jax.named_scope("draft"):
+    out = decode_loop(graphdef, state, cache, last_logits, rng, active,
+                      max_new=rc.chain_len, stop=rc.step_stop(rc.num_steps),
+                      sampling=rc.draft_sampling, budget=budget, pad_id=rc.pad_id)
+  return dict(chain=out.tokens, step_lens=out.step_lens, hit_eos=out.hit_eos,
+              cache=out.cache, last_logits=out.last_logits, passes=out.lengths)
+
+
+def _verifier_inputs(rc: RoundConfig, logits, last_logits, chain, step_lens, verdict_logits):
+  pred, logp = chain_lib.chain_predictions(logits, last_logits, chain)
+  draft_tokens, mask = chain_lib.unpack_steps(chain, step_lens, rc.max_step_tokens)
+  target_tokens, _ = chain_lib.unpack_steps(pred, step_lens, rc.max_step_tokens)
+  step_logp, _ = chain_lib.unpack_steps(logp, step_lens, rc.max_step_tokens)
+  return VerifierInputs(verdict_logits=verdict_logits, step_logprobs=step_logp,
+                        step_mask=mask, draft_tokens=draft_tokens,
+                        target_tokens=target_tokens)
+
+
+def target_round(graphdef, state, cache: KVCache, last_logits, chain, step_lens, active,
+                 budget, rng, *, rc: RoundConfig, mrope: bool = False):
+  """Verifies a chain in one pass, then decodes the fallback step where one was rejected."""
+  model = nnx.merge(graphdef, state)
+  b, k = step_lens.shape
+  template = jnp.asarray(rc.template_ids or (rc.pad_id,), jnp.int32)
+  with jax.named_scope("verify"):
+    ids, rel_pos, new_mask, vidx = chain_lib.verify_inputs(chain, step_lens, template)
+    positions = cache.lengths[:, None] + rel_pos + cache.rope_delta[:, None]
+    if mrope:
+      positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
+    logits, written = model(ids, cache=cache, num_new=jnp.zeros((b,), jnp.int32),
+                            positions=positions, new_mask=new_mask)
+    verdict_logits = jnp.take_along_axis(logits, vidx[..., None], axis=1)  # [B, K, V]
+    inputs = _verifier_inputs(rc, logits, last_logits, chain, step_lens, verdict_logits)
+    accept, _ = verify(rc.verifier, inputs)
+    drafted = step_lens > 0
+    accept = accept & drafted & active[:, None]
+    acc = tbvm.leading_accepted(accept)
+    n_drafted = jnp.sum(drafted, axis=-1).astype(jnp.int32)
+    acc_tokens = jnp.sum(jnp.where(jnp.arange(k) < acc[:, None], step_lens, 0), axis=-1)
+    if rc.verifier.name == "cpn":
+      scores = tbvm.cpn_scores(verdict_logits, rc.verifier.pos_ids, rc.verifier.neg_ids)
+    else:
+      scores = accept.astype(jnp.float32)
+  with jax.named_scope("rollback"):
+    cache = written.replace(lengths=cache.lengths + acc_tokens)
+    at = jnp.take_along_axis(logits, jnp.maximum(acc_tokens - 1, 0)[:, None, None],
+                             axis=1)[:, 0]
+    last = jnp.where((acc_tokens > 0)[:, None], at, last_logits)
+  need_fb = active & ((acc < n_drafted) | (n_drafted == 0))
+  with jax.named_scope("fallback"):
+    fb = decode_loop(graphdef, state, cache, last, rng, need_fb, max_new=rc.max_step_tokens,
+                     stop=rc.step_stop(1), sampling=SamplingConfig(),
+                     budget=budget - acc_tokens, pad_id=rc.pad_id)
+  return dict(accept=accept, acc=acc, n_drafted=n_drafted, acc_tokens=acc_tokens,
+              scores=scores, need_fb=need_fb, fb_tokens=fb.tokens, fb_lens=fb.lengths,
+              fb_eos=fb.hit_eos, cache=fb.cache, last_logits=fb.last_logits)
+
+
+def draft_sync(graphdef, state, cache: KVCache, last_logits, new_len, tokens, num, active, *,
+               mrope: bool = False):
+  """Rolls rows in `active` back to `new_len` and feeds them `tokens[:, :num]`."""
+  del mrope  # positions follow from cache lengths + rope_delta.
+  model = nnx.merge(graphdef, state)
+  with jax.named_scope("draft_sync"):
+    lengths = jnp.where(active, new_len, cache.lengths)
+    cache = cache.replace(lengths=jnp.minimum(lengths, cache.lengths))
+    n = jnp.where(active, num, 0)
+    logits, cache = model(tokens, cache=cache, num_new=n)
+    at = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
+    last = jnp.where((n > 0)[:, None], at, last_logits)
+  return cache, last
