@@ -137,11 +137,13 @@ class ModelConfig:
                                            high_freq_factor=4.0,
                                            original_max_position_embeddings=64))
     elif model_type == "qwen2_5_vl":
-      base.update(qkv_bias=True, head_dim=16, mrope_section=(2, 3, 3),
+      # Hugging Face's Qwen2.5-VL attention takes head_dim = hidden_size / num_heads, so
+      # hidden_size is 4 heads x 16 here (the vision tower's output must match it).
+      base.update(qkv_bias=True, hidden_size=64, head_dim=16, mrope_section=(2, 3, 3),
                   vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=48,
                                       num_heads=2, patch_size=14, temporal_patch_size=2,
                                       spatial_merge_size=2, window_size=56,
-                                      fullatt_block_indexes=(1,), out_hidden_size=32),
+                                      fullatt_block_indexes=(1,), out_hidden_size=64),
                   vocab_size=160, image_token_id=151, video_token_id=152,
                   vision_start_token_id=150)
     base.update(kw)

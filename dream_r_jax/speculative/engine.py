@@ -105,47 +105,17 @@ class SpeculativeEngine:
     self._mrope_t = target.cfg.mrope_section is not None
     self._mrope_d = draft.cfg.mrope_section is not None
 
-  # ---------------------------------------------------------------------------------------
-  # Jitted programs (built once per shape/config; the graphdefs are static).
-  # ---------------------------------------------------------------------------------------
-  def _sharded(self, role: RoleModel, fn, n_row_args: int, n_rep_args: int, batch: int):
-    data = batch % role.data_size == 0 and role.data_size > 1
-
-    def wrapped(state, *args):
-      return fn(role.graphdef, state, *args)
-
-    if not data:
-      return jax.jit(wrapped)
-
-    def call(state, *args):
-      row_args, rep_args = args[:n_row_args], args[n_row_args:]
-      in_specs = (jax.tree.map(lambda _: P(), state),) + tuple(
-          _row_specs(a, True) for a in row_args) + tuple(
-              jax.tree.map(lambda _: P(), a) for a in rep_args)
-      out_shape = jax.eval_shape(wrapped, state, *args)
-      return jax.shard_map(wrapped, mesh=role.mesh, in_specs=in_specs,
-                           out_specs=_row_specs(out_shape, True), axis_names={"data"},
-                           check_vma=False)(state, *args)
-
-    return jax.jit(call)
-
-  @functools.lru_cache(maxsize=None)
+  # Jitted programs are cached at module level by (graphdef, mesh, config, batch), so engines
+  # built with the same models and settings share compiled code.
   def _draft_prog(self, batch):
-    fn = lambda g, s, cache, last, active, budget, rng: programs.draft_chain(
-        g, s, cache, last, rng, active, budget, rc=self.rc)
-    return self._sharded(self.draft, fn, 4, 1, batch)
+    return _program("draft", self.draft.graphdef, self.draft.mesh, self.rc, batch, False)
 
-  @functools.lru_cache(maxsize=None)
   def _target_prog(self, batch):
-    fn = lambda g, s, cache, last, chain, lens, active, budget, rng: programs.target_round(
-        g, s, cache, last, chain, lens, active, budget, rng, rc=self.rc, mrope=self._mrope_t)
-    return self._sharded(self.target, fn, 6, 1, batch)
+    return _program("target", self.target.graphdef, self.target.mesh, self.rc, batch,
+                    self._mrope_t)
 
-  @functools.lru_cache(maxsize=None)
   def _sync_prog(self, batch):
-    fn = lambda g, s, cache, last, new_len, toks, num, active: programs.draft_sync(
-        g, s, cache, last, new_len, toks, num, active)
-    return self._sharded(self.draft, fn, 6, 0, batch)
+    return _program("sync", self.draft.graphdef, self.draft.mesh, self.rc, batch, False)
 
   # ---------------------------------------------------------------------------------------
   def _prefill(self, role: RoleModel, ids, lens, cache_len, images):
@@ -329,6 +299,44 @@ def _merge_rows(role: RoleModel, keep, a: dict, b: dict) -> dict:
   # `a`'s rows advanced by the speculative chain, which the fresh cache also descends from.
   out["cache"] = b["cache"]
   return out
+
+
+@functools.lru_cache(maxsize=None)
+def _program(kind: str, graphdef, mesh, rc: RoundConfig, batch: int, mrope: bool):
+  """A jitted round program, split over the mesh's data axis with shard_map when it can."""
+  if kind == "draft":
+    n_rows, n_rep = 4, 1
+    fn = lambda g, s, cache, last, active, budget, rng: programs.draft_chain(
+        g, s, cache, last, rng, active, budget, rc=rc)
+  elif kind == "target":
+    n_rows, n_rep = 6, 1
+    fn = lambda g, s, cache, last, chain, lens, active, budget, rng: programs.target_round(
+        g, s, cache, last, chain, lens, active, budget, rng, rc=rc, mrope=mrope)
+  else:
+    n_rows, n_rep = 6, 0
+    fn = lambda g, s, cache, last, new_len, toks, num, active: programs.draft_sync(
+        g, s, cache, last, new_len, toks, num, active)
+
+  def wrapped(state, *args):
+    return fn(graphdef, state, *args)
+
+  data_size = int(mesh.shape.get("data", 1))
+  if data_size == 1 or batch % data_size:
+    return jax.jit(wrapped)
+
+  def call(state, *args):
+    # Rows are independent: each data shard runs its own token loop and stops as soon as
+    # its own rows are done. "model" stays an automatic axis (tensor parallelism).
+    row_args, rep_args = args[:n_rows], args[n_rows:]
+    in_specs = (jax.tree.map(lambda _: P(), state),) + tuple(
+        _row_specs(a, True) for a in row_args) + tuple(
+            jax.tree.map(lambda _: P(), a) for a in rep_args)
+    out_shape = jax.eval_shape(wrapped, state, *args)
+    return jax.shard_map(wrapped, mesh=mesh, in_specs=in_specs,
+                         out_specs=_row_specs(out_shape, True), axis_names={"data"},
+                         check_vma=False)(state, *args)
+
+  return jax.jit(call)
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,30 +40,35 @@ def sharding_config(model_type: str = "qwen2", **kw) -> ModelConfig:
   return ModelConfig.tiny(model_type, **base)
 
 
-def randomize_small_params(model: Transformer, seed: int = 0, scale: float = 0.1) -> None:
-  """Gives every norm scale and bias a seeded random value (in place).
+def random_state(state, seed: int = 0, std: float = 0.02, small_std: float = 0.1):
+  """`state` (an NNX state or any pytree keyed by paths) filled with seeded random values.
 
-  Values are drawn in float32 from the parameter's path, then cast, so two models of the
-  same structure and seed agree regardless of their dtype.
+  Matrices get N(0, std); norm scales 1 + N(0, small_std) and biases N(0, small_std), so a
+  dropped or swapped norm or bias changes the logits. Values are drawn in float32 with
+  NumPy from the parameter's path, then cast: two models of the same structure and seed
+  agree regardless of their dtype, and nothing is compiled (jitted random initializers take
+  seconds to compile even for a tiny model).
   """
-  state = nnx.state(model, nnx.Param)
 
   def one(path, x):
     name = path_str(path)
-    if ".scale_" not in "." + name and "_bias_" not in name:
-      return x
     # crc32, not hash(): str hashes change between processes.
-    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) % (2**31))
-    noise = scale * jax.random.normal(key, x.shape, jnp.float32)
-    base = 1.0 if "scale_" in name else 0.0
-    return (base + noise).astype(x.dtype)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    if "scale_" in name:
+      value = 1.0 + small_std * noise
+    elif "_bias_" in name:
+      value = small_std * noise
+    else:
+      value = std * noise
+    return jnp.asarray(value, dtype=x.dtype)
 
-  nnx.update(model, jax.tree_util.tree_map_with_path(one, state))
+  return jax.tree_util.tree_map_with_path(one, state)
 
 
 def tiny_model(model_type: str = "qwen2", seed: int = 0,
                cfg: Optional[ModelConfig] = None, **kw) -> Transformer:
-  """A seeded tiny `Transformer` with random norms and biases.
+  """A seeded tiny `Transformer` with random weights, norms and biases.
 
   Args:
     model_type: one of the text families (or "qwen2_5_vl").
@@ -72,9 +77,8 @@ def tiny_model(model_type: str = "qwen2", seed: int = 0,
     **kw: overrides for the tiny preset, e.g. `dtype="bfloat16"`.
   """
   cfg = cfg or tiny_config(model_type, **kw)
-  model = Transformer(cfg, rngs=nnx.Rngs(seed))
-  randomize_small_params(model, seed)
-  return model
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, random_state(state, seed))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -97,6 +101,9 @@ class Jitted:
 
   def __call__(self, ids, *, cache=None, num_new=None):
     ids = jnp.asarray(ids, jnp.int32)
+    if cache is not None and num_new is None:
+      # One traced signature per shape: "all T tokens are new" is passed explicitly.
+      num_new = np.full((ids.shape[0],), ids.shape[1], np.int32)
     num_new = None if num_new is None else jnp.asarray(num_new, jnp.int32)
     return _forward(self.graphdef, self.state, ids, cache, num_new)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -23,10 +23,10 @@ from dream_r_jax.train import step as step_lib
 HostBatch = dict[str, np.ndarray]
 
 
-def image_grid(images: np.ndarray) -> tuple[tuple[int, int, int], ...]:
-  """`image_grid_thw` of a stack of same-size images, as hashable host data."""
-  _, grid = image_processing.preprocess_images([images[0]])
-  return tuple(tuple(int(v) for v in grid[0]) for _ in range(len(images)))
+def image_grid(image: np.ndarray, count: int) -> tuple[tuple[int, int, int], ...]:
+  """`image_grid_thw` of `count` images of `image`'s size, as hashable host data."""
+  _, grid = image_processing.preprocess_images([image])
+  return tuple(tuple(int(v) for v in grid[0]) for _ in range(count))
 
 
 class Featurizer:
@@ -118,6 +118,3 @@ class Prefetcher:
     self._stop.set()
     self._thread.join(timeout=5)
 
-
-def first_batch(get: Callable[[int], HostBatch], featurize) -> Optional[HostBatch]:
-  return featurize(get(0))

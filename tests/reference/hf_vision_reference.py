@@ -92,19 +92,12 @@ def _vision(spec: dict, out: str) -> None:
                  grid_t, cfg.spatial_merge_size).numpy())
 
 
-def _tiny_vl_config(spec: dict):
-  from transformers import Qwen2_5_VLConfig  # pylint: disable=g-import-not-at-top
-  cfg = Qwen2_5_VLConfig(**spec["config"])
-  cfg._attn_implementation = "eager"  # pylint: disable=protected-access
-  return cfg
-
-
 def _rope(spec: dict, out: str) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import Qwen2_5_VLModel  # pylint: disable=g-import-not-at-top
+  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel  # pylint: disable=g-import-not-at-top
 
-  cfg = _tiny_vl_config(spec)
+  cfg = Qwen2_5_VLConfig(**spec["config"])
   model = Qwen2_5_VLModel(cfg).eval()
   for i, case in enumerate(spec["cases"]):
     ids = torch.tensor(case["input_ids"], dtype=torch.long)
@@ -137,24 +130,27 @@ def _preprocess(spec: dict, out: str) -> None:
 
 
 def _vl(spec: dict, out: str) -> None:
+  """Random-weight model from out/model/config.json; saves its weights and logits per case."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import Qwen2_5_VLForConditionalGeneration  # pylint: disable=g-import-not-at-top
+  from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration  # pylint: disable=g-import-not-at-top
 
-  cfg = _tiny_vl_config(spec)
-  torch.manual_seed(spec["seed"])
+  model_dir = os.path.join(out, "model")
+  cfg = AutoConfig.from_pretrained(model_dir)
+  cfg._attn_implementation = "eager"  # pylint: disable=protected-access
   model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
   _randomize(model, spec["seed"], spec["scale"])
-  model.save_pretrained(os.path.join(out, "model"))
-  inputs = np.load(os.path.join(out, "inputs.npz"))
-  ids = torch.tensor(inputs["input_ids"], dtype=torch.long)
-  with torch.no_grad():
-    logits = model(input_ids=ids,
-                   attention_mask=torch.tensor(inputs["attention_mask"]),
-                   pixel_values=torch.tensor(inputs["pixel_values"]),
-                   image_grid_thw=torch.tensor(inputs["image_grid_thw"]),
-                   mm_token_type_ids=(ids == cfg.image_token_id).long()).logits
-  np.savez(os.path.join(out, "logits.npz"), logits=logits.numpy())
+  model.save_pretrained(model_dir)
+  for i in range(spec["num_cases"]):
+    inputs = np.load(os.path.join(out, f"inputs{i}.npz"))
+    ids = torch.tensor(inputs["input_ids"], dtype=torch.long)
+    with torch.no_grad():
+      logits = model(input_ids=ids,
+                     attention_mask=torch.tensor(inputs["attention_mask"]),
+                     pixel_values=torch.tensor(inputs["pixel_values"]),
+                     image_grid_thw=torch.tensor(inputs["image_grid_thw"]),
+                     mm_token_type_ids=(ids == cfg.image_token_id).long()).logits
+    np.savez(os.path.join(out, f"logits{i}.npz"), logits=logits.numpy())
 
 
 def main(argv) -> None:

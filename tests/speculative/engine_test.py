@@ -1,0 +1,146 @@
+"""Golden-equivalence tests of the speculative engine (FPSR and the sequential loop)."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dream_r_jax.decoding.generate import generate
+from dream_r_jax.decoding.sampling import SamplingConfig
+from dream_r_jax.models import ModelConfig, Transformer
+from dream_r_jax.sharding import mesh as mesh_lib
+from dream_r_jax.speculative.engine import RoleModel, SpeculativeEngine
+from dream_r_jax.speculative.programs import RoundConfig
+from dream_r_jax.speculative.verifiers import VerifierConfig
+
+CFG = ModelConfig.tiny("qwen2", vocab_size=32)
+DRAFT_CFG = ModelConfig.tiny("qwen2", vocab_size=32, num_layers=1, hidden_size=16,
+                             intermediate_size=32)
+EOS, DELIM, TEMPLATE, POS, NEG = 2, 5, (7, 8), (9,), (10,)
+N = 24
+# Sharp sampling: the draft mostly, but not always, writes the target's greedy steps.
+SAMPLING = SamplingConfig(temperature=0.02, top_k=2)
+IDS = np.random.default_rng(0).integers(3, 32, (4, 6)).astype(np.int32)
+LENS = np.array([6, 4, 5, 3], np.int32)
+
+
+def _target():
+  return Transformer(CFG, rngs=nnx.Rngs(1))
+
+
+def _greedy_reference():
+  out = generate(_target(), IDS, LENS, max_new_tokens=N, eos_ids=(EOS,))
+  return [list(map(int, np.asarray(out.tokens[i, :out.lengths[i]]))) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+  return _greedy_reference()
+
+
+def _meshes(split=(2, 2), data=2):
+  return mesh_lib.role_meshes(split[0], split[1], draft_shape=(data, split[0] // data),
+                              target_shape=(data, split[1] // data))
+
+
+def _engine(draft_model, verifier, *, k=3, l=4, sampling=SamplingConfig(), split=(2, 2),
+            data=2):
+  meshes = _meshes(split, data)
+  rc = RoundConfig(num_steps=k, max_step_tokens=l, delimiter_ids=(DELIM,), eos_ids=(EOS,),
+                   template_ids=TEMPLATE, verifier=verifier, draft_sampling=sampling)
+  return SpeculativeEngine(RoleModel(draft_model, meshes[mesh_lib.Role.DRAFT]),
+                           RoleModel(_target(), meshes[mesh_lib.Role.TARGET]), rc)
+
+
+def test_nothing_accepted_equals_target_greedy(reference):
+  verifier = VerifierConfig(name="cpn", tau=1 - 1e-9, min_mass=0.0, pos_ids=POS,
+                            neg_ids=NEG)
+  out = _engine(Transformer(DRAFT_CFG, rngs=nnx.Rngs(7)), verifier).run(
+      IDS, LENS, max_new_tokens=N, schedule="fpsr")
+  assert out.tokens == reference
+  assert all(s.steps_accepted == 0 and s.steps_drafted > 0 for s in out.stats)
+  # Every committed token came from the target's own fallback steps.
+  assert [s.target_tokens for s in out.stats] == [len(t) for t in reference]
+
+
+@pytest.mark.parametrize("schedule", ["fpsr", "sequential"])
+def test_exact_verifier_with_identical_draft_accepts_everything(reference, schedule):
+  out = _engine(_target(), VerifierConfig(name="exact")).run(IDS, LENS, max_new_tokens=N,
+                                                             schedule=schedule)
+  assert out.tokens == reference
+  for s, ref in zip(out.stats, reference):
+    assert s.steps_accepted == s.steps_drafted > 0
+    assert s.draft_tokens == len(ref) and s.target_tokens == 0
+    # One verify pass per round (plus prefill) instead of one pass per token.
+    assert s.target_forward_passes == 1 + s.rounds < len(ref)
+
+
+def test_exact_verifier_with_sampled_draft_is_lossless_and_partial(reference):
+  """A sampling draft writes some steps the greedy target would not: exact rejects those."""
+  out = _engine(_target(), VerifierConfig(name="exact"), sampling=SAMPLING).run(
+      IDS, LENS, max_new_tokens=N, schedule="fpsr", rng=jax.random.key(3))
+  assert out.tokens == reference
+  accepted = sum(s.steps_accepted for s in out.stats)
+  drafted = sum(s.steps_drafted for s in out.stats)
+  assert 0 < accepted < drafted  # both branches of the round were exercised
+
+
+@pytest.mark.parametrize("verifier", [
+    VerifierConfig(name="exact"),
+    VerifierConfig(name="likelihood", threshold=-3.3),
+    VerifierConfig(name="cpn", tau=0.51, min_mass=0.0, pos_ids=POS, neg_ids=NEG),
+])
+def test_fpsr_equals_sequential(verifier):
+  runs = {}
+  for schedule in ("fpsr", "sequential"):
+    out = _engine(_target(), verifier, sampling=SAMPLING).run(
+        IDS, LENS, max_new_tokens=N, schedule=schedule, rng=jax.random.key(5))
+    runs[schedule] = out
+  assert runs["fpsr"].tokens == runs["sequential"].tokens
+  acc = [s.accept_by_position for s in runs["fpsr"].stats]
+  assert acc == [s.accept_by_position for s in runs["sequential"].stats]
+  if verifier.name == "exact":
+    flat = [a for row in acc for rnd in row for a in rnd if a >= 0]
+    assert 0 < sum(flat) < len(flat)
+
+
+def test_rows_progress_independently(reference):
+  """Rows accept different numbers of steps; each row still equals its greedy output."""
+  out = _engine(_target(), VerifierConfig(name="exact"), sampling=SAMPLING, k=4, l=3).run(
+      IDS, LENS, max_new_tokens=N, schedule="fpsr", rng=jax.random.key(11))
+  assert out.tokens == reference
+  rounds = {s.rounds for s in out.stats}
+  assert len(rounds) > 1  # rows needed different numbers of rounds
+
+
+def test_draft_and_target_live_on_disjoint_devices():
+  eng = _engine(Transformer(DRAFT_CFG, rngs=nnx.Rngs(7)), VerifierConfig(name="exact"),
+                split=(4, 4), data=1)
+  draft_devs = {d for x in jax.tree.leaves(eng.draft.state) for d in x.devices()}
+  target_devs = {d for x in jax.tree.leaves(eng.target.state) for d in x.devices()}
+  assert len(draft_devs) == 4 and len(target_devs) == 4
+  assert not draft_devs & target_devs
+
+
+def test_shared_devices_rejected():
+  mesh = mesh_lib.make_mesh((1, 2), ("data", "model"), jax.devices()[:2])
+  rc = RoundConfig(num_steps=2, max_step_tokens=3, delimiter_ids=(DELIM,), eos_ids=(EOS,),
+                   template_ids=TEMPLATE, verifier=VerifierConfig(name="exact"))
+  with pytest.raises(ValueError, match="share devices"):
+    SpeculativeEngine(RoleModel(Transformer(DRAFT_CFG, rngs=nnx.Rngs(0)), mesh),
+                      RoleModel(_target(), mesh), rc)
+
+
+def test_bad_round_config():
+  with pytest.raises(ValueError, match="num_steps"):
+    RoundConfig(num_steps=0, max_step_tokens=3, delimiter_ids=(DELIM,), eos_ids=(EOS,),
+                template_ids=TEMPLATE, verifier=VerifierConfig(name="exact"))
+  with pytest.raises(ValueError, match="verify template"):
+    RoundConfig(num_steps=2, max_step_tokens=3, delimiter_ids=(DELIM,), eos_ids=(EOS,),
+                template_ids=(), verifier=VerifierConfig(name="cpn", pos_ids=POS,
+                                                         neg_ids=NEG))
+
+
+def test_prompt_longer_than_position_limit():
+  eng = _engine(Transformer(DRAFT_CFG, rngs=nnx.Rngs(7)), VerifierConfig(name="exact"))
+  with pytest.raises(ValueError, match="max_position_embeddings"):
+    eng.run(IDS, LENS, max_new_tokens=CFG.max_position_embeddings)
