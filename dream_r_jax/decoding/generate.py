@@ -184,7 +184,8 @@ def generate(model, prompt_ids, prompt_lens=None, *, max_new_tokens: int,
     raise ValueError(f"prompt_lens={prompt_lens.tolist()} must be in [1, {t}]")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-  cache_len = t + max_new_tokens + 1
+  # The loop feeds every generated token, so the longest row fills exactly t + max_new.
+  cache_len = t + max_new_tokens
   if cache_len > cfg.max_position_embeddings:
     raise ValueError(
         f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds the model's position "

@@ -191,7 +191,13 @@ class Evaluator:
           progress: Optional[Callable[[str], None]] = None, **method_kw
           ) -> dict[str, MethodResult]:
     methods = list(methods or self.ec.methods)
-    prompts = [inputs_lib.encode_prompts(self.tokenizer, [ex]) for ex in examples]
+    # One padded prompt length for all examples: every method compiles once, and no
+    # example's latency includes a compilation.
+    longest = max(len(inputs_lib.encode_prompts(self.tokenizer, [ex]).ids[0])
+                  for ex in examples)
+    pad_to = -(-longest // 16) * 16
+    prompts = [inputs_lib.encode_prompts(self.tokenizer, [ex], pad_to=pad_to)
+               for ex in examples]
     if not hasattr(self, "_target_placement"):
       placement = self.choose_target_placement(prompts[0])
     else:
@@ -203,8 +209,7 @@ class Evaluator:
       for p in prompts[:self.ec.warmup_examples]:
         fn(p)  # compile every program this method uses
       res = MethodResult(name=name)
-      res.placement = (placement if name == "target" else
-                       "draft mesh + target mesh" if name != "target" else "")
+      res.placement = placement if name == "target" else "draft mesh + target mesh"
       for i, p in enumerate(prompts):
         start = time.perf_counter()
         toks, stats, timeline = fn(p)

@@ -141,6 +141,22 @@ def _regex_to_template(rx: str) -> str:
   return rx.replace(r"(\d+)", "{0}").replace("\\.", ".").strip("^$")
 
 
+def _match_nnx_path(table, nnx_path: str):
+  """(part, rule, prefix-free HF key) of the rule that writes `nnx_path`, or None."""
+  for part, rules in table.items():
+    for r in rules:
+      rx = "^" + r.nnx_template.replace(".", r"\.").replace("{0}", r"(\d+)") + "$"
+      m = re.match(rx, nnx_path)
+      if m:
+        return part, r, r.hf_template.format(*m.groups())
+  return None
+
+
+def _hf_key(cfg: ModelConfig, table, nnx_path: str) -> Optional[str]:
+  hit = _match_nnx_path(table, nnx_path)
+  return None if hit is None else P.hf_name(hit[0], hit[2], cfg.model_type)
+
+
 def _safetensor_files(path: str) -> list[str]:
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(index):
@@ -199,7 +215,7 @@ def load_pretrained(path: str, *, dtype: Optional[str] = None,
                if mesh is not None else {})
   table = _rules_for(cfg)
   loaded: dict[str, jax.Array] = {}
-  unexpected, misshaped = [], []
+  unexpected, misshaped, bad_shape = [], [], set()
   for file in _safetensor_files(path):
     with safe_open(file, framework="flax") as f:
       for key in f.keys():
@@ -216,23 +232,26 @@ def load_pretrained(path: str, *, dtype: Optional[str] = None,
         want = flat[nnx_path]
         w = np.asarray(f.get_tensor(key))
         try:
-          arr = target.to_jax(w, tuple(want.shape))
-        except ValueError:
-          arr = None
+          arr, error = target.to_jax(w, tuple(want.shape)), None
+        except ValueError as e:
+          arr, error = None, str(e)
         if arr is None or tuple(arr.shape) != tuple(want.shape):
-          misshaped.append(f"{key} {tuple(w.shape)} -> {nnx_path} {tuple(want.shape)}")
+          misshaped.append(f"{key}: " + (error or f"got {tuple(w.shape)} for {nnx_path} "
+                                                  f"{tuple(want.shape)}"))
+          bad_shape.add(nnx_path)
           continue
         arr = jnp.asarray(arr, dtype=want.dtype)
         loaded[nnx_path] = (jax.device_put(arr, shardings[nnx_path]) if nnx_path in shardings
                             else arr)
-  missing = sorted(set(flat) - set(loaded))
+  # Named as the checkpoint would name them; a mis-shaped tensor is reported once, above.
+  missing = [_hf_key(cfg, table, p) or p for p in sorted(set(flat) - set(loaded) - bad_shape)]
   problems = []
   if unexpected:
     problems.append(f"unexpected tensors: {unexpected[:20]}")
   if misshaped:
     problems.append(f"mis-shaped tensors: {misshaped[:20]}")
   if missing:
-    problems.append(f"missing parameters: {missing[:20]}")
+    problems.append(f"missing tensors: {missing[:20]}")
   if problems:
     raise ValueError(f"{path}: checkpoint does not match model_type={cfg.model_type!r} "
                      f"config: " + "; ".join(problems))
@@ -253,22 +272,9 @@ def save_pretrained(model: Transformer, path: str, *, tokenizer=None,
   cfg = model.cfg
   table = _rules_for(cfg)
   flat = _flat_params(nnx.state(model, nnx.Param))
-  inverse = {}
-  for part, rules in table.items():
-    for r in rules:
-      inverse[part] = inverse.get(part, []) + [r]
   tensors: dict[str, jax.Array] = {}
   for nnx_path, value in flat.items():
-    hit = None
-    for part, rules in inverse.items():
-      for r in rules:
-        rx = "^" + r.nnx_template.replace(".", r"\.").replace("{0}", r"(\d+)") + "$"
-        m = re.match(rx, nnx_path)
-        if m:
-          hit = (part, r, r.hf_template.format(*m.groups()))
-          break
-      if hit:
-        break
+    hit = _match_nnx_path(table, nnx_path)
     if hit is None:
       raise ValueError(f"save_pretrained: no Hugging Face name for parameter {nnx_path}")
     part, r, short = hit

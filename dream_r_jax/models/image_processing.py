@@ -8,8 +8,10 @@ repeated over the 2 temporal patches, and `image_grid_thw` [num_images, 3].
 
 The resampler is a port of Pillow's fixed-point two-pass bicubic filter (one axis, round to
 uint8, the other axis), so it reproduces `PIL.Image.resize(..., BICUBIC)` of Pillow >= 13
-bit for bit rather than approximating it. The torchvision ("fast") processor resizes with its own kernel and
-differs from this by up to a grey level on some pixels.
+bit for bit rather than approximating it. Without a resize (sizes already multiples of 28)
+the output equals both processor backends. transformers 5.x picks the torchvision backend
+(`Qwen2VLImageProcessor`) when torchvision is installed; it resizes with torch's
+antialiased bicubic kernel, which this module does not reproduce bit for bit.
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ class KVCache:
     callers check on the host, before compute, whenever the lengths are concrete.
     """
     lengths = self.lengths
-    if isinstance(lengths, jax.core.Tracer):
+    if isinstance(lengths, jax.core.Tracer) or isinstance(num_new, jax.core.Tracer):
       return
     need = np.asarray(lengths) + np.asarray(num_new)
     if np.any(need > self.max_len):

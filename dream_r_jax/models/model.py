@@ -174,6 +174,13 @@ class Transformer(nnx.Module):
     b, t = input_ids.shape
     if pixel_values is not None:
       _check_image_tokens(cfg, input_ids, image_grid_thw)
+    if cache is None and positions is None and cfg.mrope_section is None and (
+        t > cfg.max_position_embeddings):
+      raise ValueError(f"input_ids length {t} exceeds the model's position limit "
+                       f"max_position_embeddings={cfg.max_position_embeddings}")
+    if cache is not None:
+      # Host-side, before compute (a no-op under jit): writes past capacity would be dropped.
+      cache.check_room(t if num_new is None else num_new)
     x = self.embed(input_ids, pixel_values, image_grid_thw)
     if cache is None:
       if positions is None:

@@ -16,10 +16,18 @@ from typing import Callable, Optional
 import numpy as np
 
 
+def _expect(w, hf_shape) -> None:
+  if tuple(w.shape) != tuple(hf_shape):
+    raise ValueError(f"expected shape {tuple(hf_shape)}, got {tuple(w.shape)}")
+
+
 def linear(num_in_axes: int):
   """HF nn.Linear weight [out, in] <-> our [in axes..., out axes...] (x @ W layout)."""
 
   def to_jax(w, shape):
+    # Check the HF shape itself: a transposed [in, out] tensor has the right element
+    # count and would otherwise reshape silently into scrambled weights.
+    _expect(w, (math.prod(shape[num_in_axes:]), math.prod(shape[:num_in_axes])))
     return np.ascontiguousarray(w.T).reshape(shape)
 
   def to_hf(p, _):
@@ -33,6 +41,7 @@ def reshape():
   """Same elements, different shape (biases [N*H] <-> [N, H], norms)."""
 
   def to_jax(w, shape):
+    _expect(w, (math.prod(shape),))
     return w.reshape(shape)
 
   def to_hf(p, _):
@@ -42,12 +51,21 @@ def reshape():
 
 
 def same():
-  return (lambda w, shape: w.reshape(shape), lambda p, _: p)
+
+  def to_jax(w, shape):
+    _expect(w, shape)
+    return w
+
+  return to_jax, lambda p, _: p
 
 
 def transpose():
-  return (lambda w, shape: np.ascontiguousarray(w.T).reshape(shape),
-          lambda p, _: np.ascontiguousarray(p.T))
+
+  def to_jax(w, shape):
+    _expect(w, tuple(shape)[::-1])
+    return np.ascontiguousarray(w.T)
+
+  return to_jax, lambda p, _: np.ascontiguousarray(p.T)
 
 
 @dataclasses.dataclass(frozen=True)

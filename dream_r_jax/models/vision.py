@@ -116,9 +116,12 @@ def _layout(grid, merge: int, window_size: int, patch_size: int) -> VisionLayout
   pos = rope_positions(grid, merge).reshape(total // unit, unit, 2)[win_idx].reshape(total, 2)
   # Hugging Face applies both boundary lists to the *permuted* sequence; windows never
   # straddle frames, so the frame boundaries still hold after the permutation.
-  return VisionLayout(window_index=win_idx, reverse_index=np.argsort(win_idx),
-                      rope_positions=pos, full_segments=_segments(cu_full, total),
-                      window_segments=_segments(cu_window, total))
+  layout = VisionLayout(window_index=win_idx, reverse_index=np.argsort(win_idx),
+                        rope_positions=pos, full_segments=_segments(cu_full, total),
+                        window_segments=_segments(cu_window, total))
+  for array in layout:  # Cached and shared between calls, so read-only.
+    array.setflags(write=False)
+  return layout
 
 
 def vision_layout(vcfg: VisionConfig, grid_thw) -> VisionLayout:
@@ -355,7 +358,8 @@ VISION_RULES: list[Rule] = [
 
 def vision_hf_shapes(vcfg: VisionConfig) -> dict[str, tuple[int, ...]]:
   """The Hugging Face shape of every vision tensor (keys without the prefix)."""
-  d, f, m = vcfg.hidden_size, vcfg.intermediate_size, vcfg.hidden_size * vcfg.spatial_merge_size ** 2
+  d, f = vcfg.hidden_size, vcfg.intermediate_size
+  m = d * vcfg.spatial_merge_size ** 2
   out = {"patch_embed.proj.weight": (d, vcfg.in_channels, vcfg.temporal_patch_size,
                                      vcfg.patch_size, vcfg.patch_size),
          "merger.ln_q.weight": (d,), "merger.mlp.0.weight": (m, m), "merger.mlp.0.bias": (m,),

@@ -114,9 +114,6 @@ class SpeculativeEngine:
     return _program("target", self.target.graphdef, self.target.mesh, self.rc, batch,
                     self._mrope_t)
 
-  def _sync_prog(self, batch):
-    return _program("sync", self.draft.graphdef, self.draft.mesh, self.rc, batch, False)
-
   # ---------------------------------------------------------------------------------------
   def _prefill(self, role: RoleModel, ids, lens, cache_len, images):
     b = ids.shape[0]
@@ -165,11 +162,13 @@ class SpeculativeEngine:
       schedule: "fpsr" (parallel) or "sequential" (reference).
       rng: key for draft sampling (greedy drafts ignore it).
       images: optional callable cfg -> (pixel_values, grid, positions, rope_delta) for
-        multimodal prompts (see `dream_r_jax.speculative.inputs`).
+        multimodal prompts (see `dream_r_jax.evaluation.inputs.engine_images`).
       max_rounds: optional cap on rounds (default: enough for the budget).
     """
     if schedule not in ("fpsr", "sequential"):
       raise ValueError(f"schedule={schedule!r}; expected 'fpsr' or 'sequential'")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     prompt_ids = np.asarray(prompt_ids, np.int32)
     lens = np.asarray(prompt_lens, np.int32)
     b, t = prompt_ids.shape
@@ -183,139 +182,104 @@ class SpeculativeEngine:
             f"{cache_len} positions, more than the {name}'s max_position_embeddings="
             f"{cfg.max_position_embeddings}")
     rng = jax.random.key(0) if rng is None else rng
+    fpsr = schedule == "fpsr"
     timeline: list = []
     t0 = time.perf_counter()
-
     (cache_t, last_t), (cache_d, last_d) = self._both(
         lambda: self._prefill(self.target, prompt_ids, lens, cache_len, images),
         lambda: self._prefill(self.draft, prompt_ids, lens, cache_len, images),
         timeline, t0, "prefill")
+    draft_prog, target_prog = self._draft_prog(b), self._target_prog(b)
+    rng_d, rng_t = self.draft.replicated(rng), self.target.replicated(rng)
+    to_target = lambda x: jax.device_put(x, self.target.rows_sharding(b))
+    to_draft = lambda x: jax.device_put(x, self.draft.rows_sharding(b))
+
     stats = [RowStats(target_forward_passes=1, draft_forward_passes=1) for _ in range(b)]
     out_tokens = [[] for _ in range(b)]
-    committed = lens.astype(np.int32).copy()  # absolute committed length (both caches)
+    committed = lens.copy()  # absolute committed length of each row, in both caches
     budget = np.full((b,), max_new_tokens, np.int32)
     done = np.zeros((b,), bool)
+    no_rows = np.zeros((b,), bool)
+    zeros_i = np.zeros((b,), np.int32)
+    empty_chain = np.zeros((b, rc.chain_len + rc.num_steps), np.int32)
+    empty_fb = to_draft(np.zeros((b, rc.max_step_tokens + 1), np.int32))
 
-    dput = lambda x: self.draft.put_rows(jnp.asarray(x), b)
-    tput = lambda x: self.target.put_rows(jnp.asarray(x), b)
-    draft_prog, target_prog, sync_prog = (self._draft_prog(b), self._target_prog(b),
-                                          self._sync_prog(b))
-    rep_d = lambda k: self.draft.replicated(k)
-    rep_t = lambda k: self.target.replicated(k)
+    def draft_call(base, prev, fb, new_len, sync, keep, active, bud, r):
+      return lambda: draft_prog(self.draft.state, base["cache"], base["last_logits"], prev, fb,
+                                new_len, sync, keep, active, bud, rng_d, np.int32(r))
 
-    def draft_call(cache, last, active, bud, r):
-      key = rep_d(jax.random.fold_in(rng, r))
-      return lambda: draft_prog(self.draft.state, cache, last, dput(active), dput(bud), key)
-
-    d = self._run("draft", draft_call(cache_d, last_d, ~done, budget, 0), timeline, "draft",
-                  t0)
+    d = self._run("draft", draft_call(dict(cache=cache_d, last_logits=last_d), empty_chain,
+                                      empty_fb, zeros_i, no_rows, no_rows, ~done, budget, 0),
+                  timeline, "draft", t0)
     max_rounds = max_rounds or (max_new_tokens + 1)
     r = 0
     while not done.all() and r < max_rounds:
       active = ~done
-      chain_dev = jax.device_put(d["chain"], self.target.rows_sharding(b))
-      lens_dev = jax.device_put(d["step_lens"], self.target.rows_sharding(b))
-      tkey = rep_t(jax.random.fold_in(rng, 10_000_019 + r))
-      target_fn = lambda: target_prog(self.target.state, cache_t, last_t, chain_dev, lens_dev,
-                                      tput(active), tput(budget), tkey)
-      if schedule == "fpsr":
-        spec_fn = draft_call(d["cache"], d["last_logits"], active, budget - np.asarray(
-            d["step_lens"]).sum(-1).astype(np.int32), r + 1)
+      packed_t = to_target(d["packed"])
+      target_fn = lambda: target_prog(self.target.state, cache_t, last_t, packed_t, active,
+                                      budget, rng_t)
+      if fpsr:
+        # Speculate: chain r is accepted whole, so chain r+1 starts where it ends.
+        chain_lens = np.asarray(d["packed"][:, rc.chain_len:]).sum(-1).astype(np.int32)
+        spec_fn = draft_call(d, d["packed"], empty_fb, zeros_i, no_rows, no_rows, active,
+                             budget - chain_lens, r + 1)
         tr, spec = self._both(target_fn, spec_fn, timeline, t0, "draft (speculative)")
       else:
         tr, spec = self._run("target", target_fn, timeline, "verify+fallback", t0), None
-      h = jax.device_get({k: v for k, v in tr.items() if k not in ("cache", "last_logits")})
-      chain_h = np.asarray(jax.device_get(d["chain"]))
-      step_lens_h = np.asarray(jax.device_get(d["step_lens"]))
+      h = jax.device_get(tr["decision"])
       cache_t, last_t = tr["cache"], tr["last_logits"]
-
+      packed_h = np.asarray(d["packed"])
+      chain_h, step_lens_h = packed_h[:, :rc.chain_len], packed_h[:, rc.chain_len:]
+      acc_tokens, fb_lens = h["acc_tokens"], h["fb_lens"]
+      new_tokens = [list(map(int, chain_h[i, :acc_tokens[i]])) +
+                    list(map(int, h["fb_tokens"][i, :fb_lens[i]])) for i in range(b)]
+      finished = np.asarray([any(x in rc.eos_ids for x in new) for new in new_tokens])
+      new_budget = budget - np.where(active, acc_tokens + fb_lens, 0).astype(np.int32)
+      new_done = done | (active & ((new_budget <= 0) | finished))
+      synced = active & h["need_fb"] & ~new_done
+      new_len = (committed + acc_tokens).astype(np.int32)
+      r += 1
+      # Start the next chain before the bookkeeping below, so the host work overlaps it.
+      if not new_done.all() and r < max_rounds:
+        if fpsr and not synced.any():
+          d = spec
+        else:
+          base = spec if fpsr else d
+          keep = (~synced) if fpsr else no_rows
+          todo = synced if fpsr else ~new_done
+          d = self._run("draft", draft_call(base, base["packed"], to_draft(tr["fb_packed"]),
+                                            new_len, synced, keep, todo, new_budget, r),
+                        timeline, "sync+draft", t0)
       for i in np.nonzero(active)[0]:
-        st, acc_tok, fb_len = stats[i], int(h["acc_tokens"][i]), int(h["fb_lens"][i])
-        new = list(chain_h[i, :acc_tok]) + list(h["fb_tokens"][i, :fb_len])
-        out_tokens[i].extend(int(x) for x in new)
+        st = stats[i]
+        out_tokens[i].extend(new_tokens[i])
         st.rounds += 1
         st.steps_drafted += int(h["n_drafted"][i])
         st.steps_accepted += int(h["acc"][i])
-        st.draft_forward_passes += int(step_lens_h[i].sum())
-        st.target_forward_passes += 1 + fb_len
-        st.draft_tokens += acc_tok
-        st.target_tokens += fb_len
+        # One draft pass per drafted token of the verified chain, plus the sync pass.
+        st.draft_forward_passes += int(step_lens_h[i].sum()) + int(synced[i])
+        st.target_forward_passes += 1 + int(fb_lens[i])
+        st.draft_tokens += int(acc_tokens[i])
+        st.target_tokens += int(fb_lens[i])
         nd = int(h["n_drafted"][i])
         st.accept_by_position.append(
             [int(h["accept"][i, j]) if j < nd else -1 for j in range(rc.num_steps)])
         st.scores.append([float(x) for x in h["scores"][i]])
-        budget[i] -= len(new)
-        if budget[i] <= 0 or any(tok in rc.eos_ids for tok in new):
-          done[i] = True
-      synced = active & h["need_fb"] & ~done
-      new_len = committed + h["acc_tokens"]
-      committed = committed + h["acc_tokens"] + h["fb_lens"]
-      r += 1
-      if done.all():
-        break
-
-      if schedule == "fpsr":
-        base_cache, base_last = spec["cache"], spec["last_logits"]
-      else:
-        base_cache, base_last = d["cache"], d["last_logits"]
-      if synced.any():
-        start = time.perf_counter() - t0
-        base_cache, base_last = jax.block_until_ready(sync_prog(
-            self.draft.state, base_cache, base_last, dput(new_len),
-            jax.device_put(tr["fb_tokens"], self.draft.rows_sharding(b)),
-            jax.device_put(tr["fb_lens"], self.draft.rows_sharding(b)), dput(synced)))
-        timeline.append(("sync", "draft", start, time.perf_counter() - t0))
-        for i in np.nonzero(synced)[0]:
-          stats[i].draft_forward_passes += 1
-      if schedule == "fpsr":
-        redraft = synced
-        if redraft.any():
-          fresh = self._run("draft", draft_call(base_cache, base_last, redraft, budget, r),
-                            timeline, "draft", t0)
-          keep = jnp.asarray(~redraft)
-          d = _merge_rows(self.draft, keep, spec, fresh)
-        else:
-          d = spec
-      else:
-        d = self._run("draft", draft_call(base_cache, base_last, ~done, budget, r), timeline,
-                      "draft", t0)
+      committed = (committed + np.where(active, acc_tokens + fb_lens, 0)).astype(np.int32)
+      budget, done = new_budget, new_done
     return EngineOutput(tokens=out_tokens, stats=stats, timeline=timeline,
                         wall_s=time.perf_counter() - t0)
-
-
-def _merge_rows(role: RoleModel, keep, a: dict, b: dict) -> dict:
-  """Row-wise select between two draft outputs (keep a where `keep`)."""
-  keep = role.put_rows(keep, keep.shape[0])
-
-  def sel(x, y):
-    k = keep.reshape((-1,) + (1,) * (x.ndim - 1)) if x.ndim else keep
-    return jnp.where(k, x, y)
-
-  out = {}
-  for name in ("chain", "step_lens", "hit_eos", "last_logits", "passes"):
-    out[name] = sel(a[name], b[name])
-  # Both caches descend from the same synced cache: rows kept from `a` were never touched by
-  # the fresh draft (inactive there), so the fresh cache holds them unchanged... except that
-  # `a`'s rows advanced by the speculative chain, which the fresh cache also descends from.
-  out["cache"] = b["cache"]
-  return out
 
 
 @functools.lru_cache(maxsize=None)
 def _program(kind: str, graphdef, mesh, rc: RoundConfig, batch: int, mrope: bool):
   """A jitted round program, split over the mesh's data axis with shard_map when it can."""
   if kind == "draft":
-    n_rows, n_rep = 4, 1
-    fn = lambda g, s, cache, last, active, budget, rng: programs.draft_chain(
-        g, s, cache, last, rng, active, budget, rc=rc)
-  elif kind == "target":
-    n_rows, n_rep = 6, 1
-    fn = lambda g, s, cache, last, chain, lens, active, budget, rng: programs.target_round(
-        g, s, cache, last, chain, lens, active, budget, rng, rc=rc, mrope=mrope)
+    n_rows = 9
+    fn = lambda g, s, *a: programs.draft_round(g, s, *a, rc=rc)
   else:
-    n_rows, n_rep = 6, 0
-    fn = lambda g, s, cache, last, new_len, toks, num, active: programs.draft_sync(
-        g, s, cache, last, new_len, toks, num, active)
+    n_rows = 5
+    fn = lambda g, s, *a: programs.target_round(g, s, *a, rc=rc, mrope=mrope)
 
   def wrapped(state, *args):
     return fn(graphdef, state, *args)

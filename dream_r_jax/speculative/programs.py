@@ -65,8 +65,13 @@ def draft_chain(graphdef, state, cache: KVCache, last_logits, rng, active, budge
     out = decode_loop(graphdef, state, cache, last_logits, rng, active,
                       max_new=rc.chain_len, stop=rc.step_stop(rc.num_steps),
                       sampling=rc.draft_sampling, budget=budget, pad_id=rc.pad_id)
-  return dict(chain=out.tokens, step_lens=out.step_lens, hit_eos=out.hit_eos,
-              cache=out.cache, last_logits=out.last_logits, passes=out.lengths)
+  # Chain and step lengths travel to the target mesh as one packed array [B, C + K].
+  packed = jnp.concatenate([out.tokens, out.step_lens], axis=1)
+  return dict(packed=packed, cache=out.cache, last_logits=out.last_logits)
+
+
+def unpack_chain(packed, rc: RoundConfig):
+  return packed[:, :rc.chain_len], packed[:, rc.chain_len:]
 
 
 def _verifier_inputs(rc: RoundConfig, logits, last_logits, chain, step_lens, verdict_logits):
@@ -79,10 +84,11 @@ def _verifier_inputs(rc: RoundConfig, logits, last_logits, chain, step_lens, ver
                         target_tokens=target_tokens)
 
 
-def target_round(graphdef, state, cache: KVCache, last_logits, chain, step_lens, active,
-                 budget, rng, *, rc: RoundConfig, mrope: bool = False):
+def target_round(graphdef, state, cache: KVCache, last_logits, packed, active, budget, rng,
+                 *, rc: RoundConfig, mrope: bool = False):
   """Verifies a chain in one pass, then decodes the fallback step where one was rejected."""
   model = nnx.merge(graphdef, state)
+  chain, step_lens = unpack_chain(packed, rc)
   b, k = step_lens.shape
   template = jnp.asarray(rc.template_ids or (rc.pad_id,), jnp.int32)
   with jax.named_scope("verify"):
@@ -114,21 +120,40 @@ def target_round(graphdef, state, cache: KVCache, last_logits, chain, step_lens,
     fb = decode_loop(graphdef, state, cache, last, rng, need_fb, max_new=rc.max_step_tokens,
                      stop=rc.step_stop(1), sampling=SamplingConfig(),
                      budget=budget - acc_tokens, pad_id=rc.pad_id)
-  return dict(accept=accept, acc=acc, n_drafted=n_drafted, acc_tokens=acc_tokens,
-              scores=scores, need_fb=need_fb, fb_tokens=fb.tokens, fb_lens=fb.lengths,
-              fb_eos=fb.hit_eos, cache=fb.cache, last_logits=fb.last_logits)
+  decision = dict(accept=accept, acc=acc, n_drafted=n_drafted, acc_tokens=acc_tokens,
+                  scores=scores, need_fb=need_fb, fb_tokens=fb.tokens, fb_lens=fb.lengths)
+  # The fallback step travels to the draft mesh as one packed array [B, L + 1].
+  fb_packed = jnp.concatenate([fb.tokens, fb.lengths[:, None]], axis=1)
+  return dict(decision=decision, fb_packed=fb_packed, cache=fb.cache,
+              last_logits=fb.last_logits)
 
 
-def draft_sync(graphdef, state, cache: KVCache, last_logits, new_len, tokens, num, active, *,
-               mrope: bool = False):
-  """Rolls rows in `active` back to `new_len` and feeds them `tokens[:, :num]`."""
-  del mrope  # positions follow from cache lengths + rope_delta.
+def draft_sync(graphdef, state, cache: KVCache, last_logits, new_len, tokens, num, sync):
+  """Rolls rows in `sync` back to `new_len` and feeds them `tokens[:, :num]`."""
   model = nnx.merge(graphdef, state)
   with jax.named_scope("draft_sync"):
-    lengths = jnp.where(active, new_len, cache.lengths)
+    lengths = jnp.where(sync, new_len, cache.lengths)
     cache = cache.replace(lengths=jnp.minimum(lengths, cache.lengths))
-    n = jnp.where(active, num, 0)
+    n = jnp.where(sync, num, 0)
     logits, cache = model(tokens, cache=cache, num_new=n)
     at = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
     last = jnp.where((n > 0)[:, None], at, last_logits)
   return cache, last
+
+
+def draft_round(graphdef, state, cache: KVCache, last_logits, prev_packed, fb_packed,
+                new_len, sync, keep, active, budget, rng, r, *, rc: RoundConfig):
+  """Syncs the rows in `sync` to the target's fallback, then drafts a chain for `active`.
+
+  Rows in `keep` take their chain from `prev_packed` instead (FPSR: their speculative chain
+  was right). One program instead of three keeps host round trips off the critical path.
+  """
+  tokens, num = fb_packed[:, :-1], fb_packed[:, -1]
+  cache, last_logits = jax.lax.cond(
+      jnp.any(sync),
+      lambda c, l: draft_sync(graphdef, state, c, l, new_len, tokens, num, sync),
+      lambda c, l: (c, l), cache, last_logits)
+  out = draft_chain(graphdef, state, cache, last_logits, jax.random.fold_in(rng, r), active,
+                    budget, rc=rc)
+  out["packed"] = jnp.where(keep[:, None], prev_packed, out["packed"])
+  return out

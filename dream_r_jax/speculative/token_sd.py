@@ -130,6 +130,17 @@ class TokenSDConfig:
       raise ValueError(f"gamma={self.gamma} must be >= 1 (tokens drafted per round)")
     object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
 
+  @property
+  def draft_side(self) -> "TokenSDConfig":
+    """Only the fields the draft's round reads: changing the rule or the EOS ids then
+    recompiles the target's program alone."""
+    return TokenSDConfig(gamma=self.gamma, sampling=self.sampling, pad_id=self.pad_id)
+
+  @property
+  def init_side(self) -> "TokenSDConfig":
+    """Only the fields the prefill programs read (shared by greedy and sampled runs)."""
+    return TokenSDConfig(gamma=self.gamma, pad_id=self.pad_id)
+
 
 # ---------------------------------------------------------------------------------------
 # Device state (pytrees) and the two per-role programs.
@@ -176,7 +187,7 @@ class TargetState:
   stats: dict         # name -> [B] int32 counters
 
 
-STAT_NAMES = ("rounds", "drafted", "accepted", "target_forward_passes",
+STAT_NAMES = ("rounds", "drafted", "accepted", "target_tokens", "target_forward_passes",
               "draft_forward_passes")
 
 
@@ -272,6 +283,8 @@ def target_verify(graphdef, state, ts: TargetState, prop: Proposal, rng, *,
   stats["rounds"] += act
   stats["drafted"] += num
   stats["accepted"] += accepted
+  # The target's own token is committed unless an EOS among the accepted drafts came first.
+  stats["target_tokens"] += (active & (count == accepted + 1)).astype(jnp.int32)
   stats["target_forward_passes"] += act
   stats["draft_forward_passes"] += num
   new_ts = TargetState(cache=cache, pending=jnp.where(active, token, ts.pending), out=out,
@@ -472,15 +485,16 @@ class TokenSD:
   def _host_loop(self, prompt_ids, lens, rng, cache_len, max_new, dimg, dgrid, timg, tgrid):
     d, tg, b = self.draft, self.target, prompt_ids.shape[0]
     ds = _draft_init_prog(d.graphdef, d.state, d.put_rows(jnp.asarray(prompt_ids), b),
-                          d.put_rows(jnp.asarray(lens), b), *dimg, cfg=self.cfg,
+                          d.put_rows(jnp.asarray(lens), b), *dimg, cfg=self.cfg.init_side,
                           cache_len=cache_len, grid=dgrid)
     ts, fb = _target_init_prog(tg.graphdef, tg.state, tg.put_rows(jnp.asarray(prompt_ids), b),
-                               tg.put_rows(jnp.asarray(lens), b), *timg, cfg=self.cfg,
-                               cache_len=cache_len, max_new=max_new, grid=tgrid)
+                               tg.put_rows(jnp.asarray(lens), b), *timg,
+                               cfg=self.cfg.init_side, cache_len=cache_len, max_new=max_new,
+                               grid=tgrid)
     key_d, key_t = d.replicated(rng), tg.replicated(rng)
     for r in range(max_new):  # every round commits >= 1 token per active row
       ds, prop = _draft_prog(d.graphdef, d.state, ds, jax.device_put(fb, d.rows_sharding(b)),
-                             key_d, r, cfg=self.cfg)
+                             key_d, r, cfg=self.cfg.draft_side)
       ts, fb = _target_prog(tg.graphdef, tg.state, ts,
                             jax.device_put(prop, tg.rows_sharding(b)), key_t, r, cfg=self.cfg)
       # The only host sync of a round: whether any row goes on.

@@ -50,6 +50,14 @@ def _tower(vcfg=VCFG, tensors=None):
   return tower
 
 
+def _forward(tower, pixel_values, grid):
+  """`tower(pixel_values, grid)` under one jit (faster than eager op-by-op compiles)."""
+  graphdef, state = nnx.split(tower)
+  grid = tuple(map(tuple, grid))
+  fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, grid))
+  return np.asarray(fn(state, jnp.asarray(pixel_values)).astype(jnp.float32))
+
+
 @pytest.mark.parametrize("case", range(len(GRIDS)))
 def test_layout_matches_hf(golden, case):
   data = np.load(os.path.join(golden, f"case{case}.npz"))
@@ -65,7 +73,7 @@ def test_layout_matches_hf(golden, case):
 def test_features_match_hf(golden, tensors, case):
   data = np.load(os.path.join(golden, f"case{case}.npz"))
   tower = _tower(tensors=tensors)
-  out = np.asarray(tower(jnp.asarray(data["pixel_values"]), np.asarray(GRIDS[case])))
+  out = _forward(tower, data["pixel_values"], GRIDS[case])
   assert out.shape == data["features"].shape
   assert vision.num_merged_tokens(VCFG, GRIDS[case]) == out.shape[0]
   assert np.abs(data["features"]).mean() > 0.1  # not a degenerate (near-zero) output
@@ -76,7 +84,7 @@ def test_window_attention_matters(golden, tensors):
   """Full attention everywhere is measurably wrong, so the parity test sees the windows."""
   data = np.load(os.path.join(golden, "case0.npz"))
   tower = _tower(dataclasses.replace(VCFG, fullatt_block_indexes=(0, 1, 2)), tensors)
-  out = np.asarray(tower(jnp.asarray(data["pixel_values"]), GRIDS[0]))
+  out = _forward(tower, data["pixel_values"], GRIDS[0])
   assert np.abs(out - data["features"]).max() > 1e-2
 
 
@@ -96,8 +104,8 @@ def test_images_are_independent(golden, tensors):
   """Two images in one call give each image's features as if it were alone."""
   data = np.load(os.path.join(golden, "case1.npz"))
   tower = _tower(tensors=tensors)
-  both = np.asarray(tower(jnp.asarray(data["pixel_values"]), GRIDS[1]))
-  first = np.asarray(tower(jnp.asarray(data["pixel_values"][:60]), GRIDS[1][:1]))
+  both = _forward(tower, data["pixel_values"], GRIDS[1])
+  first = _forward(tower, data["pixel_values"][:60], GRIDS[1][:1])
   np.testing.assert_allclose(both[:15], first, atol=1e-5, rtol=0)
 
 
@@ -153,3 +161,16 @@ def test_config_round_trip(golden):
   assert vision.vision_config_from_hf(legacy) == VisionConfig(out_hidden_size=3584)
   with pytest.raises(ValueError, match="hidden_act='gelu'"):
     vision.vision_config_from_hf({**legacy, "hidden_act": "gelu"})
+
+
+def test_bf16_is_close_to_fp32(golden, tensors):
+  data = np.load(os.path.join(golden, "case1.npz"))
+  tower = vision.VisionTower(VCFG, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                             rngs=nnx.Rngs(0))
+  vision.load_vision_params(tower, tensors, prefix=PREFIX)
+  graphdef, state = nnx.split(tower)
+  out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, ((1, 6, 10), (1, 4, 4))))(
+      state, jnp.asarray(data["pixel_values"]))
+  assert out.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(out, np.float32) - data["features"])
+  assert err.max() < 0.1 * np.abs(data["features"]).max()

@@ -113,20 +113,16 @@ def _rope(spec: dict, out: str) -> None:
 
 def _preprocess(spec: dict, out: str) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # pylint: disable=g-import-not-at-top
+  from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil_proc  # pylint: disable=g-import-not-at-top
 
   data = np.load(os.path.join(out, "images.npz"))
-  info = {"torchvision_available": transformers.utils.is_torchvision_available()}
   for i, case in enumerate(spec["cases"]):
-    proc = Qwen2VLImageProcessorPil(min_pixels=case["min_pixels"],
-                                    max_pixels=case["max_pixels"])
+    proc = pil_proc.Qwen2VLImageProcessorPil(min_pixels=case["min_pixels"],
+                                             max_pixels=case["max_pixels"])
     images = [data[name] for name in case["images"]]
     result = proc(images=images, return_tensors="np")
     np.savez(os.path.join(out, f"case{i}.npz"), pixel_values=result["pixel_values"],
              image_grid_thw=result["image_grid_thw"])
-  with open(os.path.join(out, "info.json"), "w") as f:
-    json.dump(info, f)
 
 
 def _vl(spec: dict, out: str) -> None:

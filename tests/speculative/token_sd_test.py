@@ -1,0 +1,214 @@
+"""Token-level speculative decoding: lossless against the target, greedy and sampled."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dream_r_jax.decoding.generate import generate
+from dream_r_jax.decoding.sampling import SamplingConfig, probs
+from dream_r_jax.sharding import mesh as mesh_lib
+from dream_r_jax.speculative import token_sd
+from dream_r_jax.speculative.engine import RoleModel
+from dream_r_jax.testing.models import Jitted, tiny_model
+
+V = 32
+IDS = np.random.default_rng(0).integers(3, V, (3, 6)).astype(np.int32)
+LENS = np.array([6, 3, 5], np.int32)
+EOS = 1   # rows 0 and 1 of the target's greedy output hit it at different points; row 2 never
+N = 15    # not a multiple of gamma + 1: the last round drafts fewer tokens
+DELTA = 1e-6  # failure probability of a correct sampler in the distribution tests
+
+
+def _model(seed=1, vocab=V, noise=0.0, sharpen=1.0):
+  """A tiny target; `noise` perturbs every weight (a draft that agrees only partly), and
+  `sharpen` scales the final norm, i.e. the logits (random tiny models are near uniform)."""
+  model = tiny_model("qwen2", seed=seed, vocab_size=vocab)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))
+  keys = jax.random.split(jax.random.key(99), len(flat))
+  out = []
+  for (path, x), key in zip(flat, keys):
+    if noise:
+      x = x + noise * jnp.std(x) * jax.random.normal(key, x.shape, x.dtype)
+    if str(getattr(path[0], "key", path[0])) == "final_norm":
+      x = x * sharpen
+    out.append(x)
+  nnx.update(model, jax.tree.unflatten(treedef, out))
+  return model
+
+
+def _roles(draft_model, target_model, colocated=False):
+  if colocated:
+    mesh = mesh_lib.make_mesh((1, 1), ("data", "model"), jax.devices()[:1])
+    return RoleModel(draft_model, mesh), RoleModel(target_model, mesh)
+  meshes = mesh_lib.role_meshes(1, 1)
+  return (RoleModel(draft_model, meshes[mesh_lib.Role.DRAFT]),
+          RoleModel(target_model, meshes[mesh_lib.Role.TARGET]))
+
+
+@pytest.fixture(scope="module")
+def reference():
+  out = generate(_model(), IDS, LENS, max_new_tokens=N, eos_ids=(EOS,))
+  ref = [list(map(int, np.asarray(out.tokens[i, :out.lengths[i]]))) for i in range(3)]
+  # The test covers per-row EOS and the budget only if rows end at different lengths.
+  assert len({len(r) for r in ref}) == 3 and max(len(r) for r in ref) == N
+  return ref
+
+
+@pytest.mark.parametrize("gamma", [1, 3])
+@pytest.mark.parametrize("draft_kind", ["same", "perturbed"])
+def test_greedy_equals_target_greedy(reference, gamma, draft_kind):
+  draft, target = _roles(_model(noise=0.3 if draft_kind == "perturbed" else 0.0), _model())
+  assert not draft.devices & target.devices
+  cfg = token_sd.TokenSDConfig(gamma=gamma, eos_ids=(EOS,))
+  out = token_sd.TokenSD(draft, target, cfg).run(IDS, LENS, max_new_tokens=N)
+  assert out.tokens == reference
+  for s, ref in zip(out.stats, reference):
+    assert s["tokens"] == len(ref)
+    assert s["accepted"] <= s["drafted"] <= gamma * s["rounds"]
+    # One target pass per round, the draft one pass per drafted token (+ each prefill).
+    assert s["target_forward_passes"] == 1 + s["rounds"]
+    assert s["draft_forward_passes"] == 1 + s["drafted"]
+  if draft_kind == "same":
+    for s, ref in zip(out.stats, reference):
+      assert s["accepted"] == s["drafted"]
+      assert s["rounds"] == math.ceil(len(ref) / (gamma + 1))
+  else:
+    accepted = sum(s["accepted"] for s in out.stats)
+    assert 0 < accepted < sum(s["drafted"] for s in out.stats)
+
+
+def test_host_and_device_loops_agree_when_sampling():
+  """Same key, same tokens: the loop drivers differ in dispatch only."""
+  cfg = token_sd.TokenSDConfig(gamma=3, eos_ids=(EOS,),
+                               sampling=SamplingConfig(temperature=0.7, top_k=8))
+  outs = []
+  for colocated, loop in ((False, "host"), (True, "device")):
+    draft, target = _roles(_model(noise=0.3), _model(), colocated)
+    outs.append(token_sd.TokenSD(draft, target, cfg, loop=loop).run(
+        IDS, LENS, max_new_tokens=N, rng=jax.random.key(5)))
+  assert outs[0].tokens == outs[1].tokens and outs[0].stats == outs[1].stats
+  greedy = generate(_model(), IDS, LENS, max_new_tokens=N, eos_ids=(EOS,))
+  assert outs[0].tokens[2] != list(map(int, np.asarray(greedy.tokens[2])))  # it did sample
+  assert 0 < sum(s["accepted"] for s in outs[0].stats) < sum(s["drafted"] for s in outs[0].stats)
+
+
+# ---------------------------------------------------------------------------------------
+# Distribution tests. For n samples of a distribution p, the empirical total variation
+# TV = 1/2 sum |p_hat - p| has E[TV] <= 1/2 sum sqrt(p (1 - p) / n) (Jensen), and changing
+# one sample moves TV by at most 1/n, so P(TV >= E[TV] + t) <= exp(-2 n t^2) (McDiarmid).
+# With t = sqrt(log(1/DELTA) / (2n)) a correct sampler exceeds the bound with probability
+# below DELTA; each test also shows that a wrong sampler exceeds that same bound.
+# ---------------------------------------------------------------------------------------
+
+
+def _tv_bound(p, n):
+  p = np.asarray(p, np.float64).ravel()
+  return 0.5 * np.sum(np.sqrt(p * (1 - p) / n)) + math.sqrt(math.log(1 / DELTA) / (2 * n))
+
+
+def _tv(samples, p):
+  p = np.asarray(p, np.float64)
+  counts = np.bincount(np.asarray(samples).ravel(), minlength=p.size)
+  return 0.5 * np.abs(counts / counts.sum() - p.ravel()).sum()
+
+
+def _accept_always(logits, tokens, q, num, rng, sampling):
+  """Wrong: keeps every drafted token, so the output follows q, not p."""
+  del tokens, q
+  p = probs(logits, sampling)
+  at = jnp.take_along_axis(p, num[:, None, None], axis=1)[:, 0]
+  return num, jax.random.categorical(rng, jnp.log(at)).astype(jnp.int32)
+
+
+def _resample_from_p(logits, tokens, q, num, rng, sampling):
+  """Wrong: after a rejection, samples from p instead of the residual max(0, p - q)."""
+  accepted, _ = token_sd.rejection_sample(logits, tokens, q, num, rng, sampling)
+  p = probs(logits, sampling)
+  at = jnp.take_along_axis(p, accepted[:, None, None], axis=1)[:, 0]
+  return accepted, jax.random.categorical(jax.random.fold_in(rng, 1), jnp.log(at)).astype(
+      jnp.int32)
+
+
+def test_rejection_sample_first_two_tokens_follow_p():
+  """The rule on fixed p and q per position: token 1 ~ p_1 and token 2 ~ p_2, for every
+  drafted count (0..G, mixed across rows), and P(accept d_1) = sum min(p_1, q_1)."""
+  b, g, v = 20_000, 3, 16
+  sampling = SamplingConfig(temperature=1.0)
+  rs = np.random.default_rng(0)
+  z_p = jnp.asarray(3 * rs.standard_normal((g + 1, v)), jnp.float32)
+  z_q = z_p[:g] + jnp.asarray(2 * rs.standard_normal((g, v)), jnp.float32)
+  p, q = np.asarray(probs(z_p, sampling)), np.asarray(probs(z_q, sampling))
+  k_draft, k_rule, k_num = jax.random.split(jax.random.key(0), 3)
+  drafts = jax.random.categorical(k_draft, jnp.broadcast_to(z_q, (b, g, v))).astype(jnp.int32)
+  num = jax.random.randint(k_num, (b,), 0, g + 1)
+  logits = jnp.broadcast_to(z_p, (b, g + 1, v))
+  q_b = jnp.broadcast_to(jnp.asarray(q), (b, g, v))
+
+  def first_two(rule):
+    a, x = jax.jit(rule, static_argnums=5)(logits, drafts, q_b, num, k_rule, sampling)
+    a, x, d, n = map(np.asarray, (a, x, drafts, num))
+    assert np.all(a <= n)
+    first = np.where(a >= 1, d[:, 0], x)
+    has2 = a >= 1
+    second = np.where(a >= 2, d[:, 1], x)[has2]
+    return first, second, a, n
+
+  first, second, a, n = first_two(token_sd.rejection_sample)
+  assert _tv(first, p[0]) < _tv_bound(p[0], b)
+  assert _tv(second, p[1]) < _tv_bound(p[1], second.size)
+  overlap, drafted = np.minimum(p[0], q[0]).sum(), n >= 1
+  hoeffding = math.sqrt(math.log(2 / DELTA) / (2 * drafted.sum()))
+  assert abs(np.mean(a[drafted] >= 1) - overlap) < hoeffding
+  assert 0.2 < overlap < 0.8  # both branches (accept, residual) are well exercised
+  for wrong in (_accept_always, _resample_from_p):
+    first, _, _, _ = first_two(wrong)
+    assert _tv(first, p[0]) > _tv_bound(p[0], b), wrong.__name__
+
+
+def test_sampled_tokens_follow_the_target_distribution():
+  """End to end: the first two generated tokens of many rows with one prompt match the
+  target's own joint distribution p(x1) p(x2 | x1), computed exactly by full forwards."""
+  v, n_rows = 16, 8192
+  sampling = SamplingConfig(temperature=1.0)
+  prompt = np.array([3, 7, 1, 12, 5], np.int32)
+  target_model = _model(vocab=v, sharpen=10.0)
+  full = Jitted(target_model)
+  p1 = probs(full(prompt[None])[:, -1], sampling)[0]
+  ext = np.concatenate([np.tile(prompt, (v, 1)), np.arange(v, dtype=np.int32)[:, None]], 1)
+  joint = np.asarray(p1[:, None] * probs(full(ext)[:, -1], sampling))  # [x1, x2]
+  bound = _tv_bound(joint, n_rows)
+  ids = np.tile(prompt, (n_rows, 1))
+  lens = np.full((n_rows,), prompt.size, np.int32)
+  draft, target = _roles(_model(vocab=v, sharpen=10.0, noise=0.3), target_model)
+
+  def joint_tv(rule):
+    cfg = token_sd.TokenSDConfig(gamma=2, sampling=sampling, rule=rule)
+    out = token_sd.TokenSD(draft, target, cfg).run(ids, lens, max_new_tokens=3,
+                                                   rng=jax.random.key(1))
+    pairs = np.asarray([t[0] * v + t[1] for t in out.tokens])
+    return _tv(pairs, joint), out.stats
+
+  tv, stats = joint_tv(token_sd.rejection_sample)
+  assert tv < bound, (tv, bound)
+  acc = sum(s["accepted"] for s in stats) / sum(s["drafted"] for s in stats)
+  assert 0.4 < acc < 0.95  # both accept and reject paths carry real mass
+  tv_wrong, _ = joint_tv(_accept_always)
+  assert tv_wrong > bound, (tv_wrong, bound)
+
+
+def test_bad_inputs_are_named():
+  draft, target = _roles(_model(), _model())
+  with pytest.raises(ValueError, match="gamma"):
+    token_sd.TokenSDConfig(gamma=0)
+  with pytest.raises(ValueError, match="vocab_size"):
+    token_sd.TokenSD(_roles(_model(vocab=16), _model())[0], target, token_sd.TokenSDConfig())
+  with pytest.raises(ValueError, match="same mesh"):
+    token_sd.TokenSD(draft, target, token_sd.TokenSDConfig(), loop="device")
+  sd = token_sd.TokenSD(draft, target, token_sd.TokenSDConfig())
+  with pytest.raises(ValueError, match="max_position_embeddings"):
+    sd.run(IDS, LENS, max_new_tokens=600)
+  with pytest.raises(ValueError, match="prompt_lens"):
+    sd.run(IDS, np.array([6, 0, 5]), max_new_tokens=4)
