@@ -28,7 +28,7 @@ DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("q_heads", "model"),
     ("kv_heads", "model"),
     ("mlp", "model"),
-    ("merger", "model"),
+    ("merger", None),
     ("embed", None),
     ("head_dim", None),
     ("patch", None),

@@ -90,20 +90,23 @@ class Prefetcher:
                                     daemon=True)
     self._thread.start()
 
+  def _put(self, item) -> None:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
   def _run(self, get, featurize, start, stop):
     try:
       for i in range(start, stop):
         if self._stop.is_set():
           return
-        item = (i, featurize(get(i)), None)
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
+        self._put((i, featurize(get(i)), None))
+      self._put((None, None, None))  # End of the range.
     except BaseException as e:  # pylint: disable=broad-except
-      self._queue.put((None, None, e))
+      self._put((None, None, e))
 
   def __iter__(self) -> Iterator[tuple[int, Any]]:
     return self
@@ -112,6 +115,8 @@ class Prefetcher:
     i, item, error = self._queue.get()
     if error is not None:
       raise error
+    if i is None:
+      raise StopIteration
     return i, item
 
   def close(self) -> None:

@@ -33,11 +33,9 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 class StageCheckpoints:
   """The checkpoints of one stage under `directory` (`<workdir>/<stage>/checkpoints`)."""
 
-  def __init__(self, directory: str, *, keep: int, save_every: int,
-               async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every,
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
         create=True,
@@ -122,9 +120,6 @@ class StageCheckpoints:
     if saved:
       logging.info("saving checkpoint %s", self.step_dir(step))
     return saved
-
-  def should_save(self, step: int) -> bool:
-    return self._manager.should_save(step)
 
   def reached_preemption(self, step: int) -> bool:
     """Whether the JAX preemption service (multi-process runs) saw a SIGTERM."""

@@ -116,8 +116,7 @@ def train_sft(ctx, job: SFTJob) -> SFTResult:
       lambda: Transformer(job.model_cfg, rngs=nnx.Rngs(0)), tx)
   shardings = step_lib.state_shardings(state_shape, mesh, ctx.rules)
   ckpts = ckpt_lib.StageCheckpoints(os.path.join(stage_dir, "checkpoints"),
-                                    keep=cfg.keep_checkpoints,
-                                    save_every=cfg.checkpoint_every)
+                                    keep=cfg.keep_checkpoints)
   expected = {"stage": job.stage, "model_config": _config_meta(job.model_cfg)}
   latest = ckpts.latest_step()
   if latest is not None:
@@ -178,8 +177,8 @@ def train_sft(ctx, job: SFTJob) -> SFTResult:
           logging.info(progress.line(step, m))
           writer.write(step, {"loss": m["loss"], "learning_rate": m["lr"],
                               "grad_norm": m["grad_norm"], "tokens_per_second": tps})
-        saved = step < total and ckpts.should_save(step) and ckpts.save(step, state,
-                                                                          meta(step))
+        saved = (step < total and step % cfg.checkpoint_every == 0
+                 and ckpts.save(step, state, meta(step), force=True))
         if ctx.preempted(ckpts, step):
           if not saved:
             ckpts.save(step, state, meta(step), force=True)

@@ -1,0 +1,73 @@
+"""The evaluation job end to end on tiny random models (speed figures mean nothing here)."""
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from dream_r_jax.data import task
+from dream_r_jax.data import tokenizer as tok_lib
+from dream_r_jax.evaluation import evaluate
+from dream_r_jax.evaluation import runner
+from dream_r_jax.models import Transformer
+from dream_r_jax.train import presets
+
+
+@pytest.fixture(scope="module")
+def setup():
+  tok = tok_lib.bundled_tokenizer()
+  cfg = task.get_config("default")
+  examples = [task.example_at(cfg, 0, i) for i in range(3)]
+  target = Transformer(presets.model_config("smoke_vl_target", tok), rngs=nnx.Rngs(1))
+  draft = Transformer(presets.model_config("smoke_vl_draft", tok), rngs=nnx.Rngs(2))
+  return tok, examples, draft, target
+
+
+def test_report_has_every_method_and_field(setup, tmp_path):
+  tok, examples, draft, target = setup
+  ec = runner.EvalConfig(methods=("target", "sequential", "fpsr"), max_new_tokens=12,
+                         num_steps=2, max_step_tokens=6, verifier="exact")
+  rep = evaluate.run_evaluation(workdir=str(tmp_path), draft=draft, target=target,
+                                tokenizer=tok, examples=examples, ec=ec, taus=(0.7,),
+                                progress=lambda _: None)
+  with open(tmp_path / "report.json") as f:
+    on_disk = json.load(f)
+  assert on_disk["methods"].keys() == {"target", "sequential", "fpsr"}
+  for m in on_disk["methods"].values():
+    for key in ("accuracy", "accuracy_ci95", "median_latency_s", "speedup_vs_target",
+                "step_acceptance", "target_forward_passes", "outputs"):
+      assert key in m
+    assert len(m["outputs"]) == len(examples)
+  assert on_disk["methods"]["target"]["speedup_vs_target"] == pytest.approx(1.0)
+  # The exact verifier is lossless: every method writes the target's greedy text.
+  outs = {name: m["outputs"] for name, m in on_disk["methods"].items()}
+  assert outs["fpsr"] == outs["target"] == outs["sequential"]
+  assert 0 < on_disk["draft_target_cost_ratio"]["ratio"]
+  assert on_disk["hardware"]["platform"] == "cpu"
+  assert "tau_sweep" in on_disk and "0.7" in on_disk["tau_sweep"]
+  for name in ("acceptance.png", "fpsr_timeline.png", "tau_sweep.png", "report.md"):
+    assert os.path.getsize(tmp_path / name) > 0
+  assert rep["methods"]["target"]["placement"]
+
+
+def test_bad_inputs(setup):
+  tok, _, _, _ = setup
+  with pytest.raises(ValueError, match="tau"):
+    runner.EvalConfig(tau=1.0)
+  with pytest.raises(ValueError, match="unknown methods"):
+    runner.EvalConfig(methods=("target", "medusa"))
+
+  class TwoTokenVerdicts:
+    def encode(self, text, add_special_tokens=False):
+      return [3, 4] if text.strip() in ("yes", "no") else [5, 6, 7]
+
+  with pytest.raises(ValueError, match="single tokens"):
+    runner.verify_template_ids(TwoTokenVerdicts())
+
+  class OtherVocab:
+    def get_vocab(self):
+      return {"a": 0}
+
+  with pytest.raises(ValueError, match="tokenizers differ"):
+    runner.check_same_tokenizer(OtherVocab(), tok)
