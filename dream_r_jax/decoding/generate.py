@@ -117,7 +117,7 @@ def decode_loop(graphdef, state, cache: KVCache, last_logits, rng, active, *,
     is_eos = _isin(tok, stop.eos_ids) & act
     ends_step = _isin(tok, stop.stop_ids) & act
     if stop.max_step_tokens:
-      ends_step |= act & (step_lens[rows, step_idx] > stop.max_step_tokens)
+      ends_step |= act & (step_lens[rows, step_idx] >= stop.max_step_tokens)
     steps = c["steps"] + ends_step
     done = is_eos | (lengths >= budget)
     if stop.max_stops:
