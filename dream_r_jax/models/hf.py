@@ -116,12 +116,16 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return dict(text, model_type=cfg.model_type,
                 architectures=[_ARCHITECTURES[cfg.model_type]])
   from dream_r_jax.models import vision  # pylint: disable=g-import-not-at-top
-  text_cfg = dict(text, model_type="qwen2_5_vl_text")
-  return dict(model_type="qwen2_5_vl", architectures=[_ARCHITECTURES["qwen2_5_vl"]],
+  # transformers validates config fields strictly: an unset token id is left out rather
+  # than written as null.
+  text_cfg = {k: v for k, v in text.items() if v is not None}
+  text_cfg["model_type"] = "qwen2_5_vl_text"
+  out = dict(model_type="qwen2_5_vl", architectures=[_ARCHITECTURES["qwen2_5_vl"]],
               text_config=text_cfg, vision_config=vision.vision_config_to_hf(cfg.vision),
               image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
               vision_start_token_id=cfg.vision_start_token_id,
               tie_word_embeddings=cfg.tie_word_embeddings, dtype=cfg.param_dtype)
+  return {k: v for k, v in out.items() if v is not None}
 
 
 # ------------------------------------------------------------------------------------------
