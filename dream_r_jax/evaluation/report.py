@@ -39,8 +39,9 @@ def method_summary(res, target_latency: Sequence[float], answers: Sequence[str])
   n = len(correct)
   lat = np.asarray(res.latency_s)
   ratios = np.asarray(target_latency) / lat
-  drafted = sum(s.get("steps_drafted", 0) for s in res.stats)
-  accepted = sum(s.get("steps_accepted", 0) for s in res.stats)
+  # Step methods count steps; token_sd counts tokens (its `unit`), reported the same way.
+  drafted = sum(s.get("steps_drafted", s.get("drafted", 0)) for s in res.stats)
+  accepted = sum(s.get("steps_accepted", s.get("accepted", 0)) for s in res.stats)
   out = dict(
       accuracy=float(np.mean(correct)) if n else 0.0,
       accuracy_ci95=list(wilson_ci95(int(sum(correct)), n)),
@@ -51,6 +52,7 @@ def method_summary(res, target_latency: Sequence[float], answers: Sequence[str])
                                            for s in res.stats])),
       draft_forward_passes=float(np.mean([s.get("draft_forward_passes", 0)
                                           for s in res.stats])),
+      acceptance_unit=next((s["unit"] for s in res.stats if s.get("unit")), "step"),
       mean_generated_tokens=float(np.mean([len(t) for t in res.tokens])),
       placement=res.placement,
       outputs=list(res.outputs),

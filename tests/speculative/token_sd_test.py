@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from dream_r_jax.decoding.generate import generate
-from dream_r_jax.decoding.sampling import SamplingConfig, probs
+from dream_r_jax.decoding.sampling import SamplingConfig, probs, sample
 from dream_r_jax.sharding import mesh as mesh_lib
 from dream_r_jax.speculative import token_sd
 from dream_r_jax.speculative.engine import RoleModel
@@ -117,17 +117,21 @@ def _resample_from_p(logits, tokens, q, num, rng, sampling):
       jnp.int32)
 
 
-def test_rejection_sample_first_two_tokens_follow_p():
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0),
+                                      SamplingConfig(temperature=0.7, top_k=6, top_p=0.9)],
+                         ids=["plain", "filtered"])
+def test_rejection_sample_first_two_tokens_follow_p(sampling):
   """The rule on fixed p and q per position: token 1 ~ p_1 and token 2 ~ p_2, for every
-  drafted count (0..G, mixed across rows), and P(accept d_1) = sum min(p_1, q_1)."""
+  drafted count (0..G, mixed across rows), and P(accept d_1) = sum min(p_1, q_1). With
+  top-k / top-p, p and q are both the filtered distributions (q may propose tokens that p
+  excludes; those are always rejected)."""
   b, g, v = 20_000, 3, 16
-  sampling = SamplingConfig(temperature=1.0)
   rs = np.random.default_rng(0)
   z_p = jnp.asarray(3 * rs.standard_normal((g + 1, v)), jnp.float32)
   z_q = z_p[:g] + jnp.asarray(2 * rs.standard_normal((g, v)), jnp.float32)
   p, q = np.asarray(probs(z_p, sampling)), np.asarray(probs(z_q, sampling))
   k_draft, k_rule, k_num = jax.random.split(jax.random.key(0), 3)
-  drafts = jax.random.categorical(k_draft, jnp.broadcast_to(z_q, (b, g, v))).astype(jnp.int32)
+  drafts = sample(jnp.broadcast_to(z_q, (b, g, v)), k_draft, sampling)  # d ~ q
   num = jax.random.randint(k_num, (b,), 0, g + 1)
   logits = jnp.broadcast_to(z_p, (b, g + 1, v))
   q_b = jnp.broadcast_to(jnp.asarray(q), (b, g, v))
@@ -148,6 +152,8 @@ def test_rejection_sample_first_two_tokens_follow_p():
   hoeffding = math.sqrt(math.log(2 / DELTA) / (2 * drafted.sum()))
   assert abs(np.mean(a[drafted] >= 1) - overlap) < hoeffding
   assert 0.2 < overlap < 0.8  # both branches (accept, residual) are well exercised
+  if sampling.top_k:
+    return  # the wrong variants are shown to fail once, on the plain config
   for wrong in (_accept_always, _resample_from_p):
     first, _, _, _ = first_two(wrong)
     assert _tv(first, p[0]) > _tv_bound(p[0], b), wrong.__name__
