@@ -12,6 +12,8 @@ import sys
 from absl import app
 from absl import logging
 
+from dream_r_jax.evaluation import flags as _eval_flags  # pylint: disable=unused-import
+from dream_r_jax.rl import flags as _sapo_flags  # pylint: disable=unused-import
 from dream_r_jax.train import flags as train_flags
 from dream_r_jax.train.checkpoint import CheckpointError
 from dream_r_jax.train.config import ConfigError
@@ -21,6 +23,8 @@ from dream_r_jax.train.loop import NonFiniteLossError, Preempted
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+  from dream_r_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  metrics.quiet_library_logs()
   try:
     # Before anything touches a device: the process group decides the device list.
     from dream_r_jax.train import distributed  # pylint: disable=g-import-not-at-top

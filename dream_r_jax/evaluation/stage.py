@@ -27,7 +27,7 @@ def load_examples(ctx, num: int, split: str, benchmark_file: str):
     source = benchmarks.load_benchmark(benchmark_file, max_examples=num)
   else:
     from dream_r_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
-    source = tfds_builder.load_task(ctx.cfg.task_config, split, ctx.cfg.resolved_data_dir(),
+    source = tfds_builder.load_task(ctx.cfg.task_config, split, ctx.cfg.resolved_data_dir,
                                     split_sizes=dict(ctx.cfg.split_sizes) or None)
   return [source[i] for i in range(min(num, len(source)))]
 

@@ -8,6 +8,7 @@ error that names it; the run stops before writing anything, so it is never overw
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -28,6 +29,15 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   # integer layer indices included), so paths are compared in that spelling.
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(path_keys(p)): (tuple(x.shape), str(np.dtype(x.dtype))) for p, x in flat}
+
+
+def _diff(saved, want, prefix: str = "") -> str:
+  """The first few differences between two JSON values, as 'path: saved -> wanted'."""
+  if isinstance(saved, dict) and isinstance(want, dict):
+    parts = [_diff(saved.get(k), want.get(k), f"{prefix}{k}.")
+             for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+    return "; ".join(parts[:5])
+  return f"{prefix.rstrip('.') or 'value'}: {saved!r} in the checkpoint, {want!r} now"
 
 
 class StageCheckpoints:
@@ -76,12 +86,12 @@ class StageCheckpoints:
           f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). It was left "
           "untouched; move it away (or delete it) to continue from an earlier "
           "checkpoint or from scratch, or use another --workdir.") from e
-    for key, want in expected_meta.items():
+    for key, want in json.loads(json.dumps(expected_meta)).items():
       if meta.get(key) != want:
+        diff = _diff(meta.get(key), want)
         raise CheckpointError(
-            f"checkpoint {path} does not fit this run: its {key} is {meta.get(key)!r}, "
-            f"this run has {want!r}. It was left untouched; use another --workdir or the "
-            "settings it was written with.")
+            f"checkpoint {path} does not fit this run: its {key} differs ({diff}). It was "
+            "left untouched; use another --workdir or the settings it was written with.")
     try:
       saved = self._manager.item_metadata(step)["state"]
       saved_shapes = _shapes(saved)

@@ -65,6 +65,7 @@ class TrainConfig:
   distill_examples: int = 1024     # training prompts the target answers for draft_sft
   eval_split: str = "validation"
   eval_examples: int = 128
+  eval_benchmark: str = ""         # a local MathVista/MMMU-style JSONL instead of eval_split
   eval_batch_size: int = 64
   max_new_tokens: int = 64
   # Models and optimisation.
@@ -185,6 +186,8 @@ def validate(cfg: TrainConfig, *, num_devices: int, process_count: int = 1,
         presets.check_overrides(rc.overrides)
       except ValueError as e:
         errors.append(f"--{role}_overrides: {e}")
+  if cfg.eval_benchmark and not os.path.isfile(cfg.eval_benchmark):
+    errors.append(f"--eval_benchmark={cfg.eval_benchmark!r} is not a file")
   if cfg.tokenizer and not os.path.isdir(cfg.tokenizer):
     errors.append(f"--tokenizer={cfg.tokenizer!r} is not a directory")
   if len(cfg.mesh_shape) != len(cfg.mesh_axes):

@@ -1,11 +1,11 @@
 """Distillation data for `draft_sft`: the target's greedy trajectories on training prompts.
 
-The target answers `distill_examples` training prompts greedily; each sequence
-(prompt + the target's tokens up to EOS) becomes an SFT row (its image is read back
-from the task source when batched) whose loss covers the
-target's tokens. Rows that ran out of budget without EOS are dropped (they are not
-trajectories the draft should copy). The rows are stored in `<stage>/trajectories.npz`,
-so a resumed stage trains on exactly the data it started with.
+The target answers `distill_examples` training prompts greedily; each sequence (prompt +
+the target's tokens up to EOS) becomes an SFT row whose loss covers the target's tokens
+(its image is read back from the task source when batched). A trajectory that ran out of
+budget without EOS is kept as it is: the draft is to imitate the target, whatever the
+target does. The rows are stored in `<stage>/trajectories.npz`, so a resumed stage trains
+on exactly the data it started with.
 """
 from __future__ import annotations
 
@@ -28,14 +28,13 @@ def build_rows(gens: evaluation.Generations, records: Sequence[int], max_len: in
     max_len: row length; longer sequences are dropped.
     pad_id: padding id.
   """
-  keep = [i for i in range(len(gens.outputs)) if gens.hit_eos[i]
-          and len(gens.prompts[i]) + len(gens.outputs[i]) <= max_len]
+  keep = [i for i in range(len(gens.outputs)) if len(gens.prompts[i]) < max_len]
   n = len(keep)
   ids = np.full((n, max_len), pad_id, np.int32)
   mask = np.zeros((n, max_len), np.float32)
   lengths = np.zeros((n,), np.int32)
   for r, i in enumerate(keep):
-    p, o = gens.prompts[i], gens.outputs[i]
+    p, o = gens.prompts[i], gens.outputs[i][:max_len - len(gens.prompts[i])]
     ids[r, :len(p)] = p
     ids[r, len(p):len(p) + len(o)] = o
     mask[r, len(p):len(p) + len(o)] = 1.0
@@ -75,8 +74,7 @@ class DistillDataset:
     self.image_fn = image_fn
     self.n = len(rows["input_ids"])
     if self.n == 0:
-      raise ValueError("no distillation rows: the target produced no trajectory that "
-                       "ended with EOS within the token budget")
+      raise ValueError("no distillation rows: every prompt is longer than max_len")
     self.batch_size, self.seed = batch_size, seed
     self.shard_index, self.shard_count = shard_index, shard_count
     self.local = batch_size // shard_count

@@ -53,9 +53,28 @@ def _round_up(n: int, k: int) -> int:
   return -(-n // k) * k
 
 
+def _images(model: Transformer, examples):
+  """Per example: (pixel_values, grid row) of its image, or None (text-only)."""
+  if model.cfg.vision is None:
+    return [None] * len(examples)
+  out = []
+  for e in examples:
+    if e.get("image") is None:
+      out.append(None)
+    else:
+      pixels, grid = image_processing.preprocess_images([e["image"]])
+      out.append((pixels, tuple(int(v) for v in grid[0])))
+  return out
+
+
 def _generate_local(model: Transformer, tokenizer, examples: Sequence[dict[str, Any]], *,
                     batch_size: int, max_new_tokens: int):
-  prompts = [tok_lib.encode_prompt(tokenizer, e) for e in examples]
+  images = _images(model, examples)
+  # Placeholders follow the processor's grid, so images of any size (benchmark files)
+  # get as many image tokens as the vision tower makes features.
+  prompts = [tok_lib.encode_prompt(
+      tokenizer, e, None if im is None else int(image_processing.num_image_tokens(im[1])[0]))
+             for e, im in zip(examples, images)]
   if not prompts:
     return [], [], np.zeros((0,), bool), 0
   prompt_len = _round_up(max(len(p) for p in prompts), 8)
@@ -69,9 +88,10 @@ def _generate_local(model: Transformer, tokenizer, examples: Sequence[dict[str, 
       ids[r, :len(prompts[i])] = prompts[i]
       lens[r] = len(prompts[i])
     pixel_values = grid = None
-    if model.cfg.vision is not None and examples[0].get("image") is not None:
-      pixel_values, grid = image_processing.preprocess_images(
-          [examples[i]["image"] for i in rows])
+    with_image = [images[i] for i in rows if images[i] is not None]
+    if with_image:
+      pixel_values = np.concatenate([p for p, _ in with_image])
+      grid = np.asarray([g for _, g in with_image], np.int64)
     with jax.named_scope("eval_generate"):
       out = generate(model, ids, lens, max_new_tokens=max_new_tokens,
                      eos_ids=(tokenizer.eos_token_id,), pixel_values=pixel_values,
@@ -126,9 +146,14 @@ def _gather(mine, prompts, outputs, hit_eos, generated, total):
 
 
 def answer_correct(tokenizer, output_ids: np.ndarray, answer: str) -> bool:
+  """Whether the output's final "Answer: ..." matches the reference answer."""
   text = tokenizer.decode(output_ids, skip_special_tokens=True)
   got = task_lib.parse_answer(text)
-  return got is not None and str(got) == str(answer).strip()
+  if got is not None:
+    return str(got) == str(answer).strip()
+  # Non-numeric references (benchmark files): compare the text after the last prefix.
+  _, sep, tail = text.rpartition(task_lib.ANSWER_PREFIX)
+  return bool(sep) and tail.strip().splitlines()[0:1] == [str(answer).strip()]
 
 
 def answer_accuracy(model: Transformer, tokenizer, examples: Sequence[dict[str, Any]], *,

@@ -35,6 +35,8 @@ EVAL_SPLIT = flags.DEFINE_enum("eval_split", "validation", ["train", "validation
                                "Split for the end-of-stage greedy accuracy.")
 EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 128, "Examples in the end-of-stage "
                                      "evaluation (0 = no evaluation).")
+EVAL_BENCHMARK = flags.DEFINE_string("eval_benchmark", "", "Local MathVista/MMMU-style "
+                                     "JSONL file to evaluate on instead of --eval_split.")
 EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", 64, "Batch size of greedy "
                                        "generation (evaluation and trajectories).")
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Generation budget per prompt.")
@@ -127,7 +129,8 @@ def config_from_flags() -> TrainConfig:
       split_sizes=config_lib.parse_mapping(SPLIT_SIZES.value, what="--split_sizes"),
       tokenizer=TOKENIZER.value, max_len=MAX_LEN.value, verdict_ratio=VERDICT_RATIO.value,
       distill_examples=DISTILL_EXAMPLES.value, eval_split=EVAL_SPLIT.value,
-      eval_examples=EVAL_EXAMPLES.value, eval_batch_size=EVAL_BATCH_SIZE.value,
+      eval_examples=EVAL_EXAMPLES.value, eval_benchmark=EVAL_BENCHMARK.value,
+      eval_batch_size=EVAL_BATCH_SIZE.value,
       max_new_tokens=MAX_NEW_TOKENS.value, target=_role("target"), draft=_role("draft"),
       batch_size=BATCH_SIZE.value, seed=SEED.value,
       mesh_shape=_ints(MESH_SHAPE.value, "mesh_shape"),
@@ -135,3 +138,24 @@ def config_from_flags() -> TrainConfig:
       checkpoint_every=CHECKPOINT_EVERY.value, keep_checkpoints=KEEP_CHECKPOINTS.value,
       log_every=LOG_EVERY.value, profile_steps=profile,
       inject_nan_at_step=INJECT_NAN_AT_STEP.value)
+
+
+def config_from_args(args: list[str]) -> TrainConfig:
+  """`TrainConfig` from command-line style arguments (e.g. ["--flagfile=...", ...]).
+
+  For notebooks and tests; it parses into the global flag values and resets them after,
+  so do not call it from inside a running `app.run` main.
+  """
+  fv = flags.FLAGS
+  fv.unparse_flags()
+  try:
+    fv(["train", *args])
+    return config_from_flags()
+  finally:
+    fv.unparse_flags()
+
+
+# The later stages' flags live with their stages; importing them here makes every
+# pipeline flag known wherever the training flags are (flagfiles mix them freely).
+from dream_r_jax.evaluation import flags as _eval_flags  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
+from dream_r_jax.rl import flags as _sapo_flags  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position

@@ -145,16 +145,18 @@ def train_sft(ctx, job: SFTJob) -> SFTResult:
   try:
     if start < total:
       featurize = batches_lib.Featurizer(job.model_cfg)
-      first = featurize(job.get_batch(start))
+      host = job.get_batch(start)
+      first = featurize(host)
       grid = None
       if "pixel_values" in first:
-        images = job.get_batch(start)["images"]
+        images = host["images"]
         grid = batches_lib.image_grid(images[0], len(images) * ctx.process_count)
       shapes = batches_lib.global_shapes(first, ctx.process_count)
       train_step = step_lib.make_train_step(
           graphdef, tx, job.optim, mesh=mesh, state_sharding=shardings,
           batch_sharding=step_lib.batch_shardings(shapes, mesh), image_grid_thw=grid,
-          inject_nan_at_step=cfg.inject_nan_at_step)
+          inject_nan_at_step=cfg.inject_nan_at_step,
+          pad_id=job.model_cfg.pad_token_id or 0)
       logging.info("[%s] training steps %d..%d on mesh %s", job.stage, start + 1, total,
                    dict(mesh.shape))
       prefetch = batches_lib.Prefetcher(job.get_batch, featurize, start, total)
@@ -166,6 +168,7 @@ def train_sft(ctx, job: SFTJob) -> SFTResult:
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         profile.after_step(step, state)
         if not m["finite"]:
+          ckpts.wait()  # An async save of an earlier, finite step may still be landing.
           raise NonFiniteLossError(
               f"[{job.stage}] non-finite loss ({m['loss']}) or gradient norm "
               f"({m['grad_norm']}) at step {step}; stopped without saving. The last good "

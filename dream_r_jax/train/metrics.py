@@ -109,3 +109,21 @@ class ProfileWindow:
         jax.block_until_ready(outputs)
       jax.profiler.stop_trace()
       self._active = False
+
+
+class _DropLibraryInfo:
+  """absl log filter: INFO records from chatty libraries (Orbax, TFDS) are dropped."""
+
+  def __init__(self, prefixes):
+    self.prefixes = tuple(prefixes)
+
+  def filter(self, record) -> bool:
+    if record.levelno > 20:  # logging.INFO
+      return True
+    return not any(p in record.pathname for p in self.prefixes)
+
+
+def quiet_library_logs(prefixes=("/orbax/", "/tensorflow_datasets/", "/etils/")) -> None:
+  """Keeps the console to this project's progress lines; warnings still pass."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.get_absl_handler().addFilter(_DropLibraryInfo(prefixes))

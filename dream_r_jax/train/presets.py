@@ -37,14 +37,14 @@ _BUNDLED: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
                             mrope_section=(4, 6, 6)),
                        dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2)),
     "tiny_vl_draft": ("qwen2_5_vl",
-                      dict(hidden_size=32, intermediate_size=64, num_layers=2,
-                           num_heads=2, num_kv_heads=1, head_dim=16,
-                           mrope_section=(2, 3, 3)),
+                      dict(hidden_size=48, intermediate_size=128, num_layers=2,
+                           num_heads=2, num_kv_heads=1, head_dim=24,
+                           mrope_section=(4, 4, 4)),
                       dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2)),
     "tiny_target": ("qwen2", dict(hidden_size=128, intermediate_size=384, num_layers=4,
                                   num_heads=4, num_kv_heads=2, head_dim=32), None),
-    "tiny_draft": ("qwen2", dict(hidden_size=32, intermediate_size=64, num_layers=2,
-                                 num_heads=2, num_kv_heads=1, head_dim=16), None),
+    "tiny_draft": ("qwen2", dict(hidden_size=48, intermediate_size=128, num_layers=2,
+                                 num_heads=2, num_kv_heads=1, head_dim=24), None),
 }
 _FIELDS = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
 _CLASSMETHODS = ("tiny", "qwen2_100m", "qwen2p5_vl_3b", "qwen2p5_vl_7b", "qwen3_1p7b",
@@ -74,24 +74,30 @@ def _token_id(tokenizer, token: str) -> int:
   return int(tid)
 
 
-def _bundled(name: str, tokenizer) -> ModelConfig:
+def _bundled(name: str, tokenizer, overrides: Mapping[str, Any]) -> ModelConfig:
   from dream_r_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   model_type, lm, vision = _BUNDLED[name]
   kw = dict(model_type=model_type, vocab_size=len(tokenizer), qkv_bias=True,
             tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=1024,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=(tokenizer.eos_token_id,),
-            pad_token_id=tokenizer.pad_token_id, **lm)
-  if vision is not None:
+            pad_token_id=tokenizer.pad_token_id)
+  kw.update(lm)
+  # Overrides go in before the vision tower is sized, so that its output width follows
+  # an overridden hidden_size.
+  kw.update(overrides)
+  if vision is not None and "vision" not in overrides:
     # One merged token per 28x28 tile; windows of 2x2 merged tokens, one full-attention
     # block last, as in Qwen2.5-VL (scaled down).
     depth = vision["depth"]
     kw.update(vision=VisionConfig(patch_size=14, temporal_patch_size=2,
                                   spatial_merge_size=2, window_size=56,
                                   fullatt_block_indexes=(depth - 1,),
-                                  out_hidden_size=lm["hidden_size"], **vision),
+                                  out_hidden_size=kw["hidden_size"], **vision),
               image_token_id=_token_id(tokenizer, tok_lib.IMAGE_PAD),
               vision_start_token_id=_token_id(tokenizer, tok_lib.VISION_START),
               video_token_id=None)
+  elif vision is None:
+    kw.pop("mrope_section", None)
   return ModelConfig(**kw)
 
 
@@ -112,8 +118,7 @@ def model_config(name: str, tokenizer=None,
   if name in _BUNDLED:
     if tokenizer is None:
       raise ValueError(f"preset {name!r} needs the tokenizer")
-    cfg = _bundled(name, tokenizer)
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+    return _bundled(name, tokenizer, overrides)
   if name in _CLASSMETHODS:
     factory: Callable[..., ModelConfig] = getattr(ModelConfig, name)
     return factory(**overrides)

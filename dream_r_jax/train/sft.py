@@ -15,6 +15,7 @@ from typing import Any
 
 from absl import logging
 
+from dream_r_jax.data import benchmarks
 from dream_r_jax.data import pipeline
 from dream_r_jax.data import tfds_builder
 from dream_r_jax.models import ModelConfig, load_pretrained
@@ -55,18 +56,23 @@ def evaluate(ctx: StageContext, stage: str, model, step: int) -> dict[str, float
   cfg = ctx.cfg
   if not cfg.eval_examples:
     return {}
-  source = task_source(ctx, cfg.eval_split, cfg.eval_examples)
+  if cfg.eval_benchmark:
+    source = benchmarks.load_benchmark(cfg.eval_benchmark, cfg.eval_examples)
+    name = os.path.splitext(os.path.basename(cfg.eval_benchmark))[0]
+  else:
+    source = task_source(ctx, cfg.eval_split, cfg.eval_examples)
+    name = cfg.eval_split
   examples = [source[i] for i in range(len(source))]
   result = evaluation.answer_accuracy(model, ctx.tokenizer, examples,
                                       batch_size=cfg.eval_batch_size,
                                       max_new_tokens=cfg.max_new_tokens)
   writer = metrics_lib.ScalarWriter(os.path.join(ctx.stage_dir(stage), "tensorboard"),
                                     enabled=ctx.is_primary)
-  writer.write(step, {f"eval/{cfg.eval_split}_accuracy": result["accuracy"],
+  writer.write(step, {f"eval/{name}_accuracy": result["accuracy"],
                       "eval/generate_tokens_per_second":
                           result["generate_tokens_per_second"]})
   writer.close()
-  logging.info("[%s] %s accuracy %.4f (%d examples)", stage, cfg.eval_split,
+  logging.info("[%s] %s accuracy %.4f (%d examples)", stage, name,
                result["accuracy"], int(result["num_examples"]))
   return result
 
@@ -132,7 +138,7 @@ def _trajectories(ctx: StageContext, fingerprint) -> tuple[dict[str, Any], dict[
   """The target's greedy trajectories on training prompts (cached in the stage dir)."""
   cfg = ctx.cfg
   path = os.path.join(ctx.stage_dir("draft_sft"), "trajectories.npz")
-  meta = {"target": fingerprint["inputs"]["target"],
+  meta = {"format": 2, "target": fingerprint["inputs"]["target"],
           "target_mtime": fingerprint["input_mtimes"]["target"],
           "examples": cfg.distill_examples, "max_len": cfg.max_len,
           "max_new_tokens": cfg.max_new_tokens, "task": cfg.task_config}

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from dream_r_jax.train.config import ConfigError, TrainConfig
 
-STAGE_MODULES = ("dream_r_jax.train.sft",)
+STAGE_MODULES = ("dream_r_jax.train.sft", "dream_r_jax.rl.stage", "dream_r_jax.evaluation.stage")
 ROLES = ("target", "draft")
 
 
@@ -54,8 +54,12 @@ def register_stage(name: str, *, produces: Optional[str] = None,
     raise ValueError(f"stage {name!r}: unknown roles {bad}; roles are {ROLES}")
 
   def deco(fn):
-    if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-      raise ValueError(f"stage {name!r} is already registered by {_REGISTRY[name].fn}")
+    # A reloaded module registers a new function object under the same qualified name;
+    # only a different function taking an existing name is an error.
+    where = lambda f: f"{f.__module__}.{f.__qualname__}"
+    if name in _REGISTRY and where(_REGISTRY[name].fn) != where(fn):
+      raise ValueError(f"stage {name!r} is already registered by "
+                       f"{where(_REGISTRY[name].fn)}")
     _REGISTRY[name] = StageSpec(name, fn, produces, tuple(requires))
     return fn
 
@@ -86,7 +90,7 @@ def _has_model(path: str) -> bool:
 
 def initial_models(cfg: TrainConfig) -> dict[str, str]:
   """Role -> newest model directory available before the run (or "")."""
-  models = {"target": cfg.target.checkpoint, "draft": ""}
+  models = {"target": cfg.target.checkpoint, "draft": cfg.draft.checkpoint}
   for spec in _REGISTRY.values():  # Registration order: later stages refine earlier ones.
     path = export_dir(cfg.workdir, spec.name)
     if spec.produces and _has_model(path):

@@ -86,8 +86,12 @@ def batch_shardings(batch_shape: dict[str, Any], mesh: Mesh) -> dict[str, NamedS
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, o: OptimConfig, *,
                     mesh: Mesh, state_sharding, batch_sharding,
-                    image_grid_thw=None, inject_nan_at_step: int = -1) -> Callable:
+                    image_grid_thw=None, inject_nan_at_step: int = -1,
+                    pad_id: int = 0) -> Callable:
   """The jitted `(state, batch) -> (state, metrics)`; `state` is donated.
+
+  Metrics: loss, grad_norm, lr (of this update), tokens (non-padding tokens processed),
+  target_tokens (tokens in the loss) and finite.
 
   A step whose loss or gradient is not finite leaves the state unchanged (the caller
   stops the run), so the state that the last checkpoint would hold is never poisoned.
@@ -120,7 +124,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, o: OptimConfig, 
                    "params": keep(params, state["params"]),
                    "opt_state": keep(opt_state, state["opt_state"])}
       metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state["step"]),
-                 "tokens": num, "finite": finite}
+                 "target_tokens": num, "finite": finite,
+                 "tokens": jnp.sum(batch["input_ids"] != pad_id).astype(jnp.float32)}
       return new_state, metrics
 
   return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
