@@ -1,12 +1,13 @@
 r"""Decode speed: our jitted `generate` vs transformers' PyTorch `generate`, same CPU.
 
-    .venv/bin/python -m benchmarks.decode_benchmark --json=/tmp/decode_benchmark.json
+    .venv/bin/python benchmarks/decode_benchmark.py --json=/tmp/decode_benchmark.json
 
 Both sides decode the same random-weight config (`ModelConfig.qwen2_100m`, fp32, greedy,
 KV cache) from prompts of `--prompt_len` tokens for exactly `--new_tokens` tokens, at each
 batch size, after a warm-up call (which compiles on our side). transformers runs in the
 PyTorch reference environment (`.venv-ref`) as a subprocess, with `torch.set_num_threads`
-set to `--threads`.
+set to `--threads`. The weights are random on each side (same shapes, not the same values):
+speed does not depend on them, and no EOS is configured, so every row decodes in full.
 
 The memory-bandwidth bound: a decode step reads every weight once (fp32: 4 bytes per
 parameter) and yields one token per row, so tokens/s <= batch * bandwidth / weight bytes,
