@@ -152,7 +152,10 @@ class Evaluator:
       out = baselines.run_method(
           name, draft=self.draft, target=self.target, prompt_ids=prompts.ids,
           prompt_lens=prompts.lens, max_new_tokens=self.ec.max_new_tokens,
-          rc=self.rc, gamma=self.ec.gamma, score_threshold=self.ec.score_threshold,
+          # SpecReason judges with the target's verdict (CPN), whatever the step verifier.
+          rc=self.rc if name != "specreason" else round_config(self.tokenizer, self.ec,
+                                                               verifier="cpn"),
+          gamma=self.ec.gamma, score_threshold=self.ec.score_threshold,
           tokenizer=self.tokenizer, images=inputs_lib.engine_images(prompts))
       return out.tokens, out.stats, None
 

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import signal
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import numpy as np
