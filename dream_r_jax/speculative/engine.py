@@ -132,10 +132,11 @@ class SpeculativeEngine:
     timeline.append((phase, role, start, time.perf_counter() - t0))
     return out
 
-  def _both(self, target_fn, draft_fn, timeline, t0, draft_phase):
+  def _both(self, target_fn, draft_fn, timeline, t0, draft_phase,
+            target_phase="verify+fallback"):
     """Runs a target program and a draft program, overlapped per `self.overlap`."""
     if self.overlap == "threads":
-      ft = self._pool.submit(self._run, "target", target_fn, timeline, "verify+fallback", t0)
+      ft = self._pool.submit(self._run, "target", target_fn, timeline, target_phase, t0)
       fd = self._pool.submit(self._run, "draft", draft_fn, timeline, draft_phase, t0)
       return ft.result(), fd.result()
     if self.overlap == "async":
@@ -144,9 +145,9 @@ class SpeculativeEngine:
       jax.block_until_ready(d_out)
       timeline.append((draft_phase, "draft", start, time.perf_counter() - t0))
       jax.block_until_ready(t_out)
-      timeline.append(("verify+fallback", "target", start, time.perf_counter() - t0))
+      timeline.append((target_phase, "target", start, time.perf_counter() - t0))
       return t_out, d_out
-    t_out = self._run("target", target_fn, timeline, "verify+fallback", t0)
+    t_out = self._run("target", target_fn, timeline, target_phase, t0)
     d_out = self._run("draft", draft_fn, timeline, draft_phase, t0)
     return t_out, d_out
 
@@ -188,7 +189,7 @@ class SpeculativeEngine:
     (cache_t, last_t), (cache_d, last_d) = self._both(
         lambda: self._prefill(self.target, prompt_ids, lens, cache_len, images),
         lambda: self._prefill(self.draft, prompt_ids, lens, cache_len, images),
-        timeline, t0, "prefill")
+        timeline, t0, "prefill", target_phase="prefill")
     draft_prog, target_prog = self._draft_prog(b), self._target_prog(b)
     rng_d, rng_t = self.draft.replicated(rng), self.target.replicated(rng)
     to_target = lambda x: jax.device_put(x, self.target.rows_sharding(b))
