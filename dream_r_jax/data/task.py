@@ -118,11 +118,45 @@ def get_config(name: str) -> TaskConfig:
   return getattr(TaskConfig, name)()
 
 
+# 5x7 bitmaps of the tile letters (up to 9 tiles: a..i), one string per row.
+_GLYPHS = {
+    "a": ("     ", "     ", " ### ", "    #", " ####", "#   #", " ####"),
+    "b": ("#    ", "#    ", "#### ", "#   #", "#   #", "#   #", "#### "),
+    "c": ("     ", "     ", " ### ", "#    ", "#    ", "#    ", " ### "),
+    "d": ("    #", "    #", " ####", "#   #", "#   #", "#   #", " ####"),
+    "e": ("     ", "     ", " ### ", "#   #", "#####", "#    ", " ### "),
+    "f": ("  ## ", " #   ", "#### ", " #   ", " #   ", " #   ", " #   "),
+    "g": ("     ", " ####", "#   #", "#   #", " ####", "    #", " ### "),
+    "h": ("#    ", "#    ", "#### ", "#   #", "#   #", "#   #", "#   #"),
+    "i": ("  #  ", "     ", " ##  ", "  #  ", "  #  ", "  #  ", " ### "),
+}
+
+
+def _glyph_mask(ch: str, scale: int = 2) -> np.ndarray:
+  rows = _GLYPHS[ch]
+  mask = np.array([[c == "#" for c in row] for row in rows], bool)
+  return np.repeat(np.repeat(mask, scale, axis=0), scale, axis=1)  # [14, 10]
+
+
 def render_image(cfg: TaskConfig, values, rng: np.random.Generator) -> np.ndarray:
-  """The tile grid as uint8 [rows * tile_px, cols * tile_px, 3], with pixel noise."""
+  """The tile grid as uint8 [rows * tile_px, cols * tile_px, 3], with pixel noise.
+
+  Each tile also shows its letter in its top-left corner (black on light tiles, white on
+  dark ones): the question names tiles by letter, and without the letter in the pixels a
+  model would have to infer which tile is which from positions alone.
+  """
   colours = PALETTE[np.asarray(values, np.int64)].reshape(cfg.grid_rows, cfg.grid_cols, 3)
   image = np.repeat(np.repeat(colours, cfg.tile_px, axis=0), cfg.tile_px, axis=1)
   image = image.astype(np.float32)
+  for t in range(cfg.grid_rows * cfg.grid_cols):
+    r, c = divmod(t, cfg.grid_cols)
+    if letter(t) not in _GLYPHS:
+      continue  # Grids beyond 9 tiles stay unlabelled.
+    mask = _glyph_mask(letter(t))
+    y, x = r * cfg.tile_px, c * cfg.tile_px + 2
+    ink = 0.0 if colours[r, c].astype(float) @ (0.299, 0.587, 0.114) > 128 else 255.0
+    region = image[y:y + mask.shape[0], x:x + mask.shape[1]]
+    region[mask] = ink
   if cfg.noise > 0:
     image += rng.normal(0.0, cfg.noise, size=image.shape).astype(np.float32)
   return np.clip(np.rint(image), 0, 255).astype(np.uint8)

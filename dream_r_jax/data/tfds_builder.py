@@ -70,8 +70,9 @@ def _png(image: np.ndarray) -> bytes:
 class DreamRArith(tfds.core.GeneratorBasedBuilder):
   """Procedurally generated multimodal arithmetic reasoning (DESIGN.md section 8)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "Each tile shows its letter (the question names tiles by letter)."}
   BUILDER_CONFIGS = [arith_config(p) for p in task_lib.PRESETS]
   DEFAULT_CONFIG_NAME = "default"
 
@@ -175,7 +176,7 @@ def load_task(config_name: str, split: str, data_dir: str,
     config_name: a task preset ("default", "text", "easy", "hard").
     split: "train", "validation" or "test".
     data_dir: the TFDS data directory (files go to
-      `data_dir/dream_r_arith/<config>/1.0.0/`).
+      `data_dir/dream_r_arith/<config>/<version>/`).
     num_examples: if set, only the first `num_examples` records are exposed.
     split_sizes: per-split sizes to build (default `DEFAULT_SPLIT_SIZES`); e.g.
       {"train": 256, "validation": 32, "test": 32} for tests and smoke runs.

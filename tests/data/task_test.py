@@ -96,13 +96,31 @@ def test_image_encodes_the_values():
     image = ex["image"]
     assert image.dtype == np.uint8 and image.shape == cfg.image_shape
     assert image.shape[0] % 28 == 0 and image.shape[1] % 28 == 0
-    tiles = image.reshape(cfg.grid_rows, 28, cfg.grid_cols, 28, 3).mean(axis=(1, 3))
+    # The colour of a tile: its bottom-right quadrant (the letter sits top-left).
+    tiles = image.reshape(cfg.grid_rows, 28, cfg.grid_cols, 28, 3)[:, 14:, :, 14:].mean(
+        axis=(1, 3))
     dist = np.linalg.norm(tiles.reshape(-1, 1, 3) - task.PALETTE[None].astype(float), axis=-1)
     assert dist.argmin(axis=1).tolist() == ex["values"]
     # Noise is present: pixels are not all exactly palette colours.
     clean = np.repeat(np.repeat(task.PALETTE[ex["values"]].reshape(
         cfg.grid_rows, cfg.grid_cols, 3), 28, 0), 28, 1)
     assert np.mean(image != clean) > 0.5
+
+
+def test_tiles_show_their_letters():
+  cfg = task.TaskConfig.default()
+  ex = task.example_at(cfg, 0, 3)
+  clean = task.TaskConfig(**{**cfg.__dict__, "noise": 0})
+  image = task.render_image(clean, ex["values"], np.random.default_rng(0))
+  glyphs = []
+  for t in range(cfg.num_tiles):
+    r, c = divmod(t, cfg.grid_cols)
+    corner = image[r * 28:r * 28 + 14, c * 28 + 2:c * 28 + 12].astype(int)
+    ink = np.abs(corner - task.PALETTE[ex["values"][t]]).sum(-1) > 60
+    glyphs.append(ink)
+  # Every tile carries ink, and the six letters' ink patterns all differ.
+  assert all(g.sum() > 10 for g in glyphs)
+  assert len({g.tobytes() for g in glyphs}) == cfg.num_tiles
 
 
 def test_text_variant_states_values_in_the_question():
