@@ -130,14 +130,7 @@ def make_update_step(graphdef, tx: optax.GradientTransformation, scfg: SapoConfi
                          eps_high=scfg.eps_high, beta=scfg.beta)
 
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-      grad_norm = optax.tree.norm(grads)
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-      new_state = {"step": state["step"] + finite.astype(jnp.int32),
-                   "params": keep(params, state["params"]),
-                   "opt_state": keep(opt_state, state["opt_state"])}
+      new_state, grad_norm, finite = step_lib.apply_if_finite(tx, state, grads, loss)
       metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_fn(state["step"]),
                      finite=finite)
       return new_state, metrics

@@ -84,6 +84,20 @@ def batch_shardings(batch_shape: dict[str, Any], mesh: Mesh) -> dict[str, NamedS
   return out
 
 
+def apply_if_finite(tx: optax.GradientTransformation, state: TrainState, grads, loss):
+  """One optimizer update, skipped (state kept, step not advanced) if loss or grads are
+  not finite. Returns (new_state, grad_norm, finite)."""
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = {"step": state["step"] + finite.astype(jnp.int32),
+               "params": keep(params, state["params"]),
+               "opt_state": keep(opt_state, state["opt_state"])}
+  return new_state, grad_norm, finite
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, o: OptimConfig, *,
                     mesh: Mesh, state_sharding, batch_sharding,
                     image_grid_thw=None, inject_nan_at_step: int = -1,
@@ -114,15 +128,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, o: OptimConfig, 
         (loss, num), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
       if inject_nan_at_step >= 0:
         loss = jnp.where(state["step"] + 1 == inject_nan_at_step, jnp.nan, loss)
-      grad_norm = optax.global_norm(grads)
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       with jax.named_scope("update"):
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-      new_state = {"step": state["step"] + finite.astype(jnp.int32),
-                   "params": keep(params, state["params"]),
-                   "opt_state": keep(opt_state, state["opt_state"])}
+        new_state, grad_norm, finite = apply_if_finite(tx, state, grads, loss)
       metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state["step"]),
                  "target_tokens": num, "finite": finite,
                  "tokens": jnp.sum(batch["input_ids"] != pad_id).astype(jnp.float32)}
