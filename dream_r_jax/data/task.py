@@ -33,11 +33,23 @@ PALETTE = np.array([
     (255, 225, 25), (145, 30, 180), (245, 130, 48), (70, 240, 240), (128, 128, 128),
 ], dtype=np.uint8)
 PATCH_PX = 28  # Qwen2.5-VL: patch 14, 2x2 merge.
+LABEL_PX = 14  # The tile label fills one 14x14 patch.
+# Label box colour of tiles a..i: each letter's label has its own colour as well as its
+# glyph, so that a tile's name is as easy to see as its value.
+LABEL_PALETTE = np.array([
+    (128, 0, 0), (170, 110, 40), (128, 128, 0), (0, 128, 128), (0, 0, 128),
+    (250, 190, 212), (255, 215, 180), (170, 255, 195), (220, 190, 255),
+], dtype=np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
   """Difficulty knobs of the task.
+
+  The default is sized so that the quickstart target (4 layers, width 128) learns it to
+  ~98% in about 1000 steps on 2 CPU cores while the 14x cheaper draft does not: six tiles,
+  three operands, + and -, so four steps (read, two operations, answer). `hard` adds *,
+  a 3x3 grid and longer expressions.
 
   Attributes:
     name: preset name; also the TFDS builder config name.
@@ -56,9 +68,9 @@ class TaskConfig:
   name: str = "default"
   grid_rows: int = 2
   grid_cols: int = 3
-  num_operands: tuple[int, int] = (3, 4)
+  num_operands: tuple[int, int] = (3, 3)
   max_value: int = 9
-  ops: tuple[str, ...] = OPS
+  ops: tuple[str, ...] = ("+", "-")
   max_abs_result: int = 99
   noise: float = 8.0
   multimodal: bool = True
@@ -105,7 +117,7 @@ class TaskConfig:
 
   @classmethod
   def hard(cls) -> "TaskConfig":
-    return cls(name="hard", grid_rows=3, grid_cols=3, num_operands=(4, 5),
+    return cls(name="hard", grid_rows=3, grid_cols=3, num_operands=(4, 5), ops=OPS,
                max_abs_result=999, noise=16.0)
 
 
@@ -141,22 +153,26 @@ def _glyph_mask(ch: str, scale: int = 2) -> np.ndarray:
 def render_image(cfg: TaskConfig, values, rng: np.random.Generator) -> np.ndarray:
   """The tile grid as uint8 [rows * tile_px, cols * tile_px, 3], with pixel noise.
 
-  Each tile also shows its letter in its top-left corner (black on light tiles, white on
-  dark ones): the question names tiles by letter, and without the letter in the pixels a
-  model would have to infer which tile is which from positions alone.
+  Each tile carries a label in its top-left 14x14 corner (exactly one Qwen2.5-VL patch):
+  its letter on a box of the letter's own colour (`LABEL_PALETTE`). The question names
+  tiles by letter, and the language model cannot find a tile by position (M-RoPE gives
+  it relative positions only), so the label, always drawn the same way whatever the
+  tile's value, is what lets it find a tile's image token by content.
   """
   colours = PALETTE[np.asarray(values, np.int64)].reshape(cfg.grid_rows, cfg.grid_cols, 3)
   image = np.repeat(np.repeat(colours, cfg.tile_px, axis=0), cfg.tile_px, axis=1)
   image = image.astype(np.float32)
+  box = LABEL_PX
   for t in range(cfg.grid_rows * cfg.grid_cols):
     r, c = divmod(t, cfg.grid_cols)
     if letter(t) not in _GLYPHS:
       continue  # Grids beyond 9 tiles stay unlabelled.
+    y, x = r * cfg.tile_px, c * cfg.tile_px
+    label = np.broadcast_to(LABEL_PALETTE[t].astype(np.float32), (box, box, 3)).copy()
+    ink = 0.0 if LABEL_PALETTE[t].astype(float) @ (0.299, 0.587, 0.114) > 128 else 255.0
     mask = _glyph_mask(letter(t))
-    y, x = r * cfg.tile_px, c * cfg.tile_px + 2
-    ink = 0.0 if colours[r, c].astype(float) @ (0.299, 0.587, 0.114) > 128 else 255.0
-    region = image[y:y + mask.shape[0], x:x + mask.shape[1]]
-    region[mask] = ink
+    label[:mask.shape[0], 2:2 + mask.shape[1]][mask] = ink
+    image[y:y + box, x:x + box] = label
   if cfg.noise > 0:
     image += rng.normal(0.0, cfg.noise, size=image.shape).astype(np.float32)
   return np.clip(np.rint(image), 0, 255).astype(np.uint8)

@@ -70,9 +70,11 @@ def _png(image: np.ndarray) -> bytes:
 class DreamRArith(tfds.core.GeneratorBasedBuilder):
   """Procedurally generated multimodal arithmetic reasoning (DESIGN.md section 8)."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "Initial release.",
-                   "1.1.0": "Each tile shows its letter (the question names tiles by letter)."}
+                   "1.1.0": "Each tile shows its letter (the question names tiles by letter).",
+                   "1.2.0": "Tile labels on a per-letter colour; default config: three "
+                            "operands, + and - (learnable by the quickstart target)."}
   BUILDER_CONFIGS = [arith_config(p) for p in task_lib.PRESETS]
   DEFAULT_CONFIG_NAME = "default"
 

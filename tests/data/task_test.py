@@ -112,15 +112,22 @@ def test_tiles_show_their_letters():
   ex = task.example_at(cfg, 0, 3)
   clean = task.TaskConfig(**{**cfg.__dict__, "noise": 0})
   image = task.render_image(clean, ex["values"], np.random.default_rng(0))
-  glyphs = []
+  labels = []
   for t in range(cfg.num_tiles):
     r, c = divmod(t, cfg.grid_cols)
-    corner = image[r * 28:r * 28 + 14, c * 28 + 2:c * 28 + 12].astype(int)
-    ink = np.abs(corner - task.PALETTE[ex["values"][t]]).sum(-1) > 60
-    glyphs.append(ink)
-  # Every tile carries ink, and the six letters' ink patterns all differ.
-  assert all(g.sum() > 10 for g in glyphs)
-  assert len({g.tobytes() for g in glyphs}) == cfg.num_tiles
+    tile = image[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28].astype(int)
+    label = tile[:task.LABEL_PX, :task.LABEL_PX]
+    # The label box has the letter's colour, with the glyph in contrasting ink ...
+    box = np.all(label == task.LABEL_PALETTE[t], axis=-1)
+    ink = ~box
+    assert box.sum() > 100 and ink.sum() > 10
+    labels.append(ink)
+    # ... and the rest of the tile shows the value's colour.
+    rest = np.concatenate([tile[task.LABEL_PX:].reshape(-1, 3),
+                           tile[:task.LABEL_PX, task.LABEL_PX:].reshape(-1, 3)])
+    assert np.all(rest == task.PALETTE[ex["values"][t]])
+  # The six letters' glyphs all differ.
+  assert len({g.tobytes() for g in labels}) == cfg.num_tiles
 
 
 def test_text_variant_states_values_in_the_question():

@@ -8,6 +8,8 @@ import tensorflow_datasets as tfds
 from dream_r_jax.data import task
 from dream_r_jax.data import tfds_builder
 
+_VERSION = str(tfds_builder.DreamRArith.VERSION)
+
 SIZES = {"train": 6, "validation": 3, "test": 4}
 
 
@@ -29,7 +31,7 @@ def test_build_and_read_back_equals_generator(tmp_path, preset):
     for i in range(size):
       expected = task.example_at(cfg, tfds_builder.SPLIT_SEEDS[split], i)
       _equal(source[i], expected)
-  files = sorted(os.listdir(tmp_path / "dream_r_arith" / f"{preset}-6-3-4" / "1.1.0"))
+  files = sorted(os.listdir(tmp_path / "dream_r_arith" / f"{preset}-6-3-4" / _VERSION))
   assert sum(".array_record" in f for f in files) == 3
 
 
@@ -40,7 +42,7 @@ def test_splits_are_disjoint_and_reads_reuse_the_build(tmp_path):
                for s, src in sources.items()}
   assert not questions["train"] & questions["test"]
   assert not questions["validation"] & questions["test"]
-  data = tmp_path / "dream_r_arith" / "easy-6-3-4" / "1.1.0"
+  data = tmp_path / "dream_r_arith" / "easy-6-3-4" / _VERSION
   stamp = os.path.getmtime(data / "dream_r_arith-train.array_record-00000-of-00001")
   again = tfds_builder.load_task("easy", "train", str(tmp_path), split_sizes=SIZES,
                                  num_examples=2)
