@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -53,8 +53,15 @@ def per_token_cost(evaluator: Evaluator, tokens: int = 64, repeats: int = 3) -> 
 
 def run_evaluation(*, workdir: str, draft, target, tokenizer, examples: Sequence[dict],
                    ec: EvalConfig, taus: Sequence[float] = (), sweep_examples: int = 0,
-                   progress: Callable[[str], None] = print, extra_config=None) -> dict:
-  """Runs `ec.methods` on `examples`, writes report.json / report.md / plots to workdir."""
+                   progress: Callable[[str], None] = print, extra_config=None,
+                   extra_drafts: Optional[Mapping[str, Any]] = None,
+                   draft_label: str = "draft") -> dict:
+  """Runs `ec.methods` on `examples`, writes report.json / report.md / plots to workdir.
+
+  `extra_drafts` ({label: draft model}) are run with `fpsr` against the same target on the
+  same examples; `report["drafts"]` then compares them with the main draft (`draft_label`),
+  e.g. the SFT draft against the SAPO draft.
+  """
   if not examples:
     raise ValueError("no examples to evaluate")
   evaluator = Evaluator(draft, target, tokenizer, ec)
@@ -76,6 +83,13 @@ def run_evaluation(*, workdir: str, draft, target, tokenizer, examples: Sequence
                f"{summary['accuracy']:.3f}")
   config = dict(dataclasses.asdict(ec), **(extra_config or {}))
   report = report_lib.build_report(results, examples, config, cost, sweep or None)
+  if extra_drafts and "fpsr" in results:
+    runs = {draft_label: results["fpsr"]}
+    for label, model in extra_drafts.items():
+      progress(f"fpsr with the {label} draft")
+      runs[label] = evaluator.with_draft(model).run(examples, methods=["fpsr"])["fpsr"]
+    report["drafts"] = report_lib.draft_comparison(runs, results["target"].latency_s,
+                                                   examples)
   jpath, mpath = report_lib.write_report(report, workdir)
   timeline = None
   if "fpsr" in results:

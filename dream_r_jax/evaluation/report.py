@@ -34,6 +34,10 @@ def is_correct(output: str, answer: str) -> bool:
     return str(got).strip() == str(answer).strip()
 
 
+def _ratio(num: float, den: float):
+  return float(num) / den if den else None
+
+
 def method_summary(res, target_latency: Sequence[float], answers: Sequence[str]) -> dict:
   correct = [is_correct(o, a) for o, a in zip(res.outputs, answers)]
   n = len(correct)
@@ -54,6 +58,8 @@ def method_summary(res, target_latency: Sequence[float], answers: Sequence[str])
                                           for s in res.stats])),
       acceptance_unit=next((s["unit"] for s in res.stats if s.get("unit")), "step"),
       mean_generated_tokens=float(np.mean([len(t) for t in res.tokens])),
+      tokens_per_accepted_step=_ratio(sum(s.get("draft_tokens", 0) for s in res.stats),
+                                      accepted),
       placement=res.placement,
       outputs=list(res.outputs),
   )
@@ -95,6 +101,20 @@ def build_report(results: dict, examples: Sequence[dict], config: dict,
   return report
 
 
+def draft_comparison(runs: dict, target_latency: Sequence[float],
+                     examples: Sequence[dict]) -> dict:
+  """{draft label: summary of its fpsr run} (same examples, same target, same run)."""
+  answers = [str(ex["answer"]) for ex in examples]
+  keys = ("accuracy", "accuracy_ci95", "speedup_vs_target", "step_acceptance",
+          "tokens_per_accepted_step", "mean_generated_tokens", "target_forward_passes",
+          "median_latency_s")
+  out = {}
+  for label, res in runs.items():
+    summary = method_summary(res, target_latency, answers)
+    out[label] = {k: summary.get(k) for k in keys}
+  return out
+
+
 def markdown_table(report: dict) -> str:
   lines = ["| method | accuracy | 95% CI | median latency (s) | speedup vs target | "
            "step acceptance | target passes |", "|---|---|---|---|---|---|---|"]
@@ -105,6 +125,16 @@ def markdown_table(report: dict) -> str:
         f"| {name} | {m['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | "
         f"{m['median_latency_s']:.4f} | {m['speedup_vs_target']:.2f}x | "
         f"{'-' if acc is None else f'{acc:.3f}'} | {m['target_forward_passes']:.1f} |")
+  drafts = report.get("drafts")
+  if drafts:
+    lines += ["", "FPSR with each draft (same target, same examples):", "",
+              "| draft | accuracy | speedup vs target | step acceptance | "
+              "tokens per accepted step |", "|---|---|---|---|---|"]
+    for label, d in drafts.items():
+      acc, tps = d["step_acceptance"], d["tokens_per_accepted_step"]
+      lines.append(f"| {label} | {d['accuracy']:.3f} | {d['speedup_vs_target']:.2f}x | "
+                   f"{'-' if acc is None else f'{acc:.3f}'} | "
+                   f"{'-' if tps is None else f'{tps:.1f}'} |")
   hw = report["hardware"]
   lines.append("")
   lines.append(f"{report['num_examples']} examples; {hw['platform']} "

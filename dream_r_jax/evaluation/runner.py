@@ -10,6 +10,7 @@ union of both meshes during warm-up and runs on whichever was faster; the report
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -119,6 +120,12 @@ class Evaluator:
     self._target_union = None
     self._target_model_cfg = target_model.cfg
     self.rc = round_config(tokenizer, ec)
+
+  def with_draft(self, draft_model) -> "Evaluator":
+    """The same target, placement and settings with another draft (e.g. SFT vs SAPO)."""
+    other = copy.copy(self)
+    other.draft = RoleModel(draft_model, self.meshes[mesh_lib.Role.DRAFT])
+    return other
 
   # -- methods ------------------------------------------------------------------------------
   def _target_only(self, role: RoleModel, prompts):

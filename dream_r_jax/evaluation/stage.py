@@ -41,12 +41,25 @@ def eval_stage(ctx) -> dict:
   workdir = ctx.stage_dir("eval")
   if not ctx.is_primary:
     return {}
+  # When the draft is SAPO's, the SFT draft it started from runs too (same target, same
+  # examples), so the report shows what SAPO changed.
+  extra, label = {}, "draft"
+  sapo_dir = stages.export_dir(ctx.cfg.workdir, "sapo")
+  sft_dir = stages.export_dir(ctx.cfg.workdir, "draft_sft")
+  if (os.path.abspath(ctx.model_dir("draft")) == os.path.abspath(sapo_dir)
+      and os.path.isfile(os.path.join(sft_dir, "config.json"))):
+    extra["sft"] = evaluate_lib.load_pair(sft_dir, ctx.model_dir("target"))[0]
+    label = "sapo"
   report = evaluate_lib.run_evaluation(
       workdir=workdir, draft=draft, target=target, tokenizer=tokenizer, examples=examples,
       ec=ec, taus=taus, sweep_examples=sweep_examples, progress=logging.info,
       extra_config=dict(draft=ctx.model_dir("draft"), target=ctx.model_dir("target"),
-                        split=split, benchmark_file=bench))
+                        split=split, benchmark_file=bench),
+      extra_drafts=extra, draft_label=label)
   summary = {name: {k: m[k] for k in ("accuracy", "speedup_vs_target", "step_acceptance")}
              for name, m in report["methods"].items()}
+  for name, d in report.get("drafts", {}).items():
+    summary[f"fpsr[{name} draft]"] = {k: d[k] for k in ("accuracy", "speedup_vs_target",
+                                                       "step_acceptance")}
   summary["report"] = os.path.join(workdir, "report.json")
   return summary

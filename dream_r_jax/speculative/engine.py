@@ -35,7 +35,11 @@ from dream_r_jax.speculative.programs import RoundConfig
 
 
 class RoleModel:
-  """A model placed on its role's mesh, split into (graphdef, state) for the programs."""
+  """A model placed on its role's mesh, split into (graphdef, state) for the programs.
+
+  The model's arrays are moved in place: one model object cannot serve two roles (pass
+  `nnx.clone(model)` for the second).
+  """
 
   def __init__(self, model, mesh, rules=sharding_rules.DEFAULT_RULES):
     self.cfg = model.cfg

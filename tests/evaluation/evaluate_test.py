@@ -71,3 +71,27 @@ def test_bad_inputs(setup):
 
   with pytest.raises(ValueError, match="tokenizers differ"):
     runner.check_same_tokenizer(OtherVocab(), tok)
+
+
+def test_extra_drafts_are_compared_on_the_same_examples(setup, tmp_path):
+  tok, examples, draft, target = setup
+  ec = runner.EvalConfig(methods=("target", "fpsr"), max_new_tokens=12, num_steps=2,
+                         max_step_tokens=6, verifier="exact")
+  # A draft identical to the target has every step accepted by the exact verifier, and
+  # every draft stays lossless.
+  rep = evaluate.run_evaluation(workdir=str(tmp_path), draft=draft, target=target,
+                                tokenizer=tok, examples=examples, ec=ec,
+                                progress=lambda _: None,
+                                extra_drafts={"twin": nnx.clone(target)},
+                                draft_label="random")
+  drafts = rep["drafts"]
+  assert list(drafts) == ["random", "twin"]
+  assert drafts["twin"]["step_acceptance"] == pytest.approx(1.0)
+  fpsr = rep["methods"]["fpsr"]
+  assert drafts["random"]["step_acceptance"] == fpsr["step_acceptance"]
+  assert drafts["random"]["speedup_vs_target"] == fpsr["speedup_vs_target"]
+  assert drafts["twin"]["tokens_per_accepted_step"] > 0
+  for d in drafts.values():
+    assert d["accuracy"] == rep["methods"]["target"]["accuracy"]
+  with open(tmp_path / "report.md") as f:
+    assert "| twin |" in f.read()
