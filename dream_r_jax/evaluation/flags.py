@@ -29,6 +29,9 @@ SPEC_SWEEP_EXAMPLES = flags.DEFINE_integer("spec_sweep_examples", 0, "Examples p
 SPEC_GAMMA = flags.DEFINE_integer("spec_gamma", 4, "token_sd: tokens drafted per round.")
 SPEC_SCORE_THRESHOLD = flags.DEFINE_float("spec_score_threshold", 7.0,
                                           "specreason: accept a step scoring at least this.")
+SPEC_LIKELIHOOD_THRESHOLD = flags.DEFINE_float(
+    "spec_likelihood_threshold", -1.0,
+    "likelihood verifier: accept a step whose mean target log-prob is at least this.")
 SPEC_OVERLAP = flags.DEFINE_enum("spec_overlap", "threads", ["threads", "async", "none"],
                                  "How FPSR overlaps draft and target programs.")
 SPEC_DRAFT_DEVICES = flags.DEFINE_integer("spec_draft_devices", 1, "Devices of the draft mesh.")
@@ -41,7 +44,8 @@ def eval_config_from_flags() -> EvalConfig:
       methods=tuple(SPEC_METHODS.value), num_steps=SPEC_NUM_STEPS.value,
       max_step_tokens=SPEC_MAX_STEP_TOKENS.value, max_new_tokens=SPEC_MAX_NEW_TOKENS.value,
       verifier=SPEC_VERIFIER.value, tau=SPEC_TAU.value, min_mass=SPEC_MIN_MASS.value,
-      score_threshold=SPEC_SCORE_THRESHOLD.value, gamma=SPEC_GAMMA.value,
+      score_threshold=SPEC_SCORE_THRESHOLD.value,
+      likelihood_threshold=SPEC_LIKELIHOOD_THRESHOLD.value, gamma=SPEC_GAMMA.value,
       overlap=SPEC_OVERLAP.value, num_draft_devices=SPEC_DRAFT_DEVICES.value,
       num_target_devices=SPEC_TARGET_DEVICES.value)
 

@@ -40,6 +40,7 @@ class EvalConfig:
   tau: float = 0.8
   min_mass: float = 0.5
   score_threshold: float = 7.0
+  likelihood_threshold: float = -1.0  # `likelihood`: minimum mean target log-prob
   gamma: int = 4                     # token_sd draft length
   overlap: str = "threads"
   num_draft_devices: int = 1
@@ -89,6 +90,8 @@ def round_config(tokenizer, ec: EvalConfig, *, verifier: Optional[str] = None,
   kw: dict[str, Any] = dict(name=name)
   if name == "cpn":
     kw.update(tau=tau or ec.tau, min_mass=ec.min_mass, pos_ids=(pos,), neg_ids=(neg,))
+  elif name == "likelihood":
+    kw.update(threshold=ec.likelihood_threshold)
   delim = tokenizer.encode(task_lib.STEP_DELIMITER, add_special_tokens=False)
   return RoundConfig(num_steps=ec.num_steps, max_step_tokens=ec.max_step_tokens,
                      delimiter_ids=tuple(delim), eos_ids=(tokenizer.eos_token_id,),

@@ -36,6 +36,8 @@ class SapoConfig:
   temperature: float = 1.0
   tau: float = 0.8
   min_mass: float = 0.5
+  judge: str = "cpn"
+  likelihood_threshold: float = -1.0
   states_from: str = "target"
   trajectory_examples: int = 512
   heldout_states: int = 64
@@ -59,7 +61,8 @@ class SapoConfig:
   def rollout_config(self, tokenizer) -> RolloutConfig:
     return RolloutConfig.for_tokenizer(tokenizer, max_step_tokens=self.max_step_tokens,
                                        temperature=self.temperature, tau=self.tau,
-                                       min_mass=self.min_mass)
+                                       min_mass=self.min_mass, judge=self.judge,
+                                       likelihood_threshold=self.likelihood_threshold)
 
   def validate(self, data_parallel: int = 1) -> "SapoConfig":
     """Raises ConfigError (a ValueError) listing every bad setting, by flag name, at once."""
@@ -95,8 +98,9 @@ class SapoConfig:
       errors.append(f"--sapo_eps_low={self.eps_low} must be in [0, 1), --sapo_eps_high="
                     f"{self.eps_high} and --sapo_beta={self.beta} >= 0")
     checks = (("rewards", lambda: self.reward_config),
-              ("tau/min_mass", lambda: RolloutConfig(delimiter_ids=(0,), tau=self.tau,
-                                                     min_mass=self.min_mass)))
+              ("tau/min_mass/judge", lambda: RolloutConfig(
+                  delimiter_ids=(0,), tau=self.tau, min_mass=self.min_mass, judge=self.judge,
+                  likelihood_threshold=self.likelihood_threshold)))
     for name, check in checks:
       try:
         check()

@@ -49,6 +49,13 @@ TAU = flags.DEFINE_float("sapo_tau", _D.tau, "TBVM threshold deciding 'accepted'
                          "concision term and the acceptance metrics, in (0.5, 1).")
 MIN_MASS = flags.DEFINE_float("sapo_min_mass", _D.min_mass,
                               "TBVM minimum verdict-token mass, in [0, 1].")
+JUDGE = flags.DEFINE_enum(
+    "sapo_judge", _D.judge, ["cpn", "likelihood"],
+    "How the target judges candidates for the acceptance reward: cpn (its verdict, the "
+    "TBVM default) or likelihood (mean log-prob of the candidate under the target).")
+LIKELIHOOD_THRESHOLD = flags.DEFINE_float(
+    "sapo_likelihood_threshold", _D.likelihood_threshold,
+    "likelihood judge: accept a candidate whose mean target log-prob is at least this.")
 STATES_FROM = flags.DEFINE_enum(
     "sapo_states_from", _D.states_from, list(STATE_SOURCES),
     "target: states cut from the target's greedy trajectories (draft_sft's, else made "
@@ -74,6 +81,7 @@ def config_from_flags() -> SapoConfig:
       eps_low=EPS_LOW.value, eps_high=EPS_HIGH.value, beta=BETA.value,
       rewards=REWARDS.value, format_check=FORMAT_CHECK.value,
       max_step_tokens=MAX_STEP_TOKENS.value, temperature=TEMPERATURE.value, tau=TAU.value,
-      min_mass=MIN_MASS.value, states_from=STATES_FROM.value,
+      min_mass=MIN_MASS.value, judge=JUDGE.value,
+      likelihood_threshold=LIKELIHOOD_THRESHOLD.value, states_from=STATES_FROM.value,
       trajectory_examples=TRAJECTORY_EXAMPLES.value, heldout_states=HELDOUT_STATES.value,
       eval_every=EVAL_EVERY.value, seed=SEED.value)

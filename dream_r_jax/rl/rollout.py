@@ -38,6 +38,9 @@ from dream_r_jax.speculative import tbvm
 Inputs = dict[str, Any]  # prefix_ids [S, P], prefix_lens [S], positions, rope_delta, pixels
 
 
+JUDGES = ("cpn", "likelihood")
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
   """Static settings of the rollout programs (hashable: a jit static argument).
@@ -51,6 +54,11 @@ class RolloutConfig:
     pos_ids / neg_ids: the positive / negative verdict token ids.
     tau / min_mass: the TBVM CPN rule (DESIGN.md section 3).
     pad_id: id written past each candidate's end.
+    judge: how the target judges a candidate: "cpn" (its verdict after the verify
+      template, the TBVM default) or "likelihood" (the mean log-probability of the
+      candidate's tokens under the target, accepted at >= `likelihood_threshold`; the
+      `likelihood` verifier of the engine). Its acceptance score is CPN or exp(mean log-p).
+    likelihood_threshold: see `judge`.
   """
   max_step_tokens: int = 16
   temperature: float = 1.0
@@ -62,6 +70,8 @@ class RolloutConfig:
   tau: float = 0.8
   min_mass: float = 0.5
   pad_id: int = 0
+  judge: str = "cpn"
+  likelihood_threshold: float = -1.0
 
   def __post_init__(self):
     if self.max_step_tokens < 1:
@@ -72,6 +82,11 @@ class RolloutConfig:
       raise ValueError("delimiter_ids is empty: a candidate step needs a delimiter")
     tbvm.check_tau(self.tau)
     tbvm.check_min_mass(self.min_mass)
+    if self.judge not in JUDGES:
+      raise ValueError(f"judge={self.judge!r}: choose one of {JUDGES}")
+    if not self.likelihood_threshold <= 0:
+      raise ValueError(f"likelihood_threshold={self.likelihood_threshold} must be <= 0 "
+                       "(a mean log-probability)")
 
   @property
   def logp_temperature(self) -> float:
@@ -241,14 +256,25 @@ def score_candidates(graphdef, params, inputs: Inputs, tokens, lengths, *,
   """The target's verdict on every candidate: `cpn [N]`, `accept [N]`, `mass [N]`. Jitted.
 
   The verdict query is `prefix + candidate + template` (the candidate keeps its delimiter,
-  as in the engine); the verdict logits are the target's next-token logits after it.
+  as in the engine); the verdict logits are the target's next-token logits after it. With
+  `rc.judge == "likelihood"` the same pass gives the target's log-probs of the candidate
+  tokens instead, and `cpn` holds exp(mean log-prob) (`mass` is then 1).
   """
-  if not rc.template_ids or not rc.pos_ids or not rc.neg_ids:
+  if rc.judge == "cpn" and (not rc.template_ids or not rc.pos_ids or not rc.neg_ids):
     raise ValueError("scoring needs template_ids, pos_ids and neg_ids in the RolloutConfig")
   with jax.named_scope("score"):
     ids, n_new = verdict_inputs(tokens, lengths, rc.template_ids, rc.pad_id)
-    model, cache, _ = _prefilled(graphdef, params, inputs, grid, group, ids.shape[1])
+    model, cache, last = _prefilled(graphdef, params, inputs, grid, group, ids.shape[1])
     logits, _ = model(ids, cache=cache, num_new=n_new)
+    if rc.judge == "likelihood":
+      length = tokens.shape[1]
+      before = jnp.concatenate([last[:, None], logits[:, :length - 1]], axis=1)
+      logp = _token_logprobs(before, tokens, 1.0)[:, None]  # [N, 1, L]
+      mask = (jnp.arange(length)[None] < lengths[:, None])[:, None]
+      accept, _ = tbvm.likelihood_accept(logp, mask, rc.likelihood_threshold)
+      mean = jnp.sum(jnp.where(mask, logp, 0.0), -1)[:, 0] / jnp.maximum(lengths, 1)
+      return {"cpn": jnp.exp(mean), "accept": accept[:, 0],
+              "mass": jnp.ones_like(mean)}
     verdict = jnp.take_along_axis(logits, (n_new - 1)[:, None, None], axis=1)[:, 0]
     stats = tbvm.verdict_stats(verdict, rc.pos_ids, rc.neg_ids)
     accept, _ = tbvm.cpn_accept(verdict[:, None], rc.pos_ids, rc.neg_ids, rc.tau, rc.min_mass)

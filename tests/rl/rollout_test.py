@@ -203,6 +203,35 @@ def test_scores_are_the_targets_verdict_on_prefix_candidate_template(world):
   assert np.ptp(got["cpn"]) > 0.05  # candidates are told apart
 
 
+def test_likelihood_judge_is_the_targets_mean_logprob_of_the_candidate(world):
+  rc, s = world["rc"], world["states"]
+  out = _sample(world, rng=4)
+  graphdef, state = nnx.split(world["target"])
+  lrc = rollout_lib.RolloutConfig(**{**vars(rc), "judge": "likelihood",
+                                     "likelihood_threshold": -4.0})
+  got = jax.device_get(rollout_lib.score_candidates(
+      graphdef, state, world["t_in"], out["tokens"], out["lengths"], rc=lrc, group=G,
+      grid=world["grid"]))
+  n = len(s) * G
+  rows = [np.concatenate([s.prefix[i // G], out["tokens"][i, :out["lengths"][i]]])
+          for i in range(n)]
+  logits = _full_logits(world["target"], rows, _repeat(world["images"], G))
+  means = []
+  for i in range(n):
+    p, k = len(s.prefix[i // G]), out["lengths"][i]
+    logp = np.asarray(jax.nn.log_softmax(logits[i][p - 1:p - 1 + k], axis=-1))
+    means.append(np.take_along_axis(logp, out["tokens"][i, :k, None], axis=1).mean())
+  means = np.asarray(means)
+  np.testing.assert_allclose(got["cpn"], np.exp(means), rtol=1e-4)
+  np.testing.assert_array_equal(got["accept"], means >= -4.0)
+  assert 0 < got["accept"].sum() < n or np.ptp(means) > 0.05
+  with pytest.raises(ValueError, match="judge"):
+    rollout_lib.RolloutConfig(delimiter_ids=(1,), judge="oracle")
+  with pytest.raises(ValueError, match="likelihood_threshold"):
+    rollout_lib.RolloutConfig(delimiter_ids=(1,), judge="likelihood",
+                              likelihood_threshold=0.5)
+
+
 def test_verdict_inputs_put_the_template_right_after_each_candidate():
   tokens = jnp.asarray([[5, 6, 7, 0], [8, 0, 0, 0]])
   ids, n = rollout_lib.verdict_inputs(tokens, jnp.asarray([3, 1]), (90, 91), pad_id=0)
