@@ -70,19 +70,24 @@ def run_evaluation(*, workdir: str, draft, target, tokenizer, examples: Sequence
   cost = per_token_cost(evaluator)
   progress(f"draft/target per-token cost ratio: {cost['ratio']:.3f}")
   sweep = {}
-  if taus and "fpsr" in ec.methods:
+  # The sweep varies the verifier's threshold: tau for cpn, the minimum mean log-prob
+  # for likelihood.
+  knob = {"cpn": "tau", "likelihood": "likelihood_threshold"}.get(ec.verifier)
+  if taus and "fpsr" in ec.methods and knob:
     subset = list(examples[:sweep_examples or len(examples)])
     t_lat = results["target"].latency_s[:len(subset)]
     answers = [str(ex["answer"]) for ex in subset]
-    for tau in taus:
-      res = evaluator.run(subset, methods=["fpsr"], tau=float(tau))["fpsr"]
+    for value in taus:
+      res = evaluator.run(subset, methods=["fpsr"], **{knob: float(value)})["fpsr"]
       summary = report_lib.method_summary(res, t_lat, answers)
-      sweep[str(float(tau))] = {k: summary[k] for k in (
+      sweep[str(float(value))] = {k: summary[k] for k in (
           "accuracy", "speedup_vs_target", "step_acceptance", "median_latency_s")}
-      progress(f"tau={tau}: speedup {summary['speedup_vs_target']:.2f}x, accuracy "
+      progress(f"{knob}={value}: speedup {summary['speedup_vs_target']:.2f}x, accuracy "
                f"{summary['accuracy']:.3f}")
   config = dict(dataclasses.asdict(ec), **(extra_config or {}))
   report = report_lib.build_report(results, examples, config, cost, sweep or None)
+  if sweep:
+    report["tau_sweep_parameter"] = knob
   if extra_drafts and "fpsr" in results:
     runs = {draft_label: results["fpsr"]}
     for label, model in extra_drafts.items():

@@ -22,8 +22,10 @@ SPEC_VERIFIER = flags.DEFINE_enum("spec_verifier", "cpn", ["cpn", "score", "like
                                   "TBVM verifier of the step methods.")
 SPEC_TAU = flags.DEFINE_float("spec_tau", 0.8, "CPN ratio-test threshold, in (0.5, 1).")
 SPEC_MIN_MASS = flags.DEFINE_float("spec_min_mass", 0.5, "Minimum verdict-token mass.")
-SPEC_TAUS = flags.DEFINE_list("spec_taus", [], "Extra taus for the speed/accuracy sweep "
-                              "plot (fpsr only), e.g. 0.6,0.7,0.8,0.9,0.95.")
+SPEC_TAUS = flags.DEFINE_list("spec_taus", [], "Thresholds for the speed/accuracy sweep "
+                              "plot (fpsr only): taus for the cpn verifier (e.g. "
+                              "0.6,0.8,0.95), minimum mean log-probs for likelihood (e.g. "
+                              "-1,-0.3,-0.1).")
 SPEC_SWEEP_EXAMPLES = flags.DEFINE_integer("spec_sweep_examples", 0, "Examples per sweep "
                                            "point (0 = all).")
 SPEC_GAMMA = flags.DEFINE_integer("spec_gamma", 4, "token_sd: tokens drafted per round.")

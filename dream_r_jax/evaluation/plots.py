@@ -10,20 +10,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
-def plot_tau_sweep(sweep: dict, path: str) -> str:
-  """Speedup and accuracy of `fpsr` against tau (sweep: {tau: {speedup, accuracy}})."""
+_SWEEP_LABELS = {"tau": "tau (CPN acceptance threshold)",
+                 "likelihood_threshold": "minimum mean log-prob (likelihood verifier)"}
+
+
+def plot_tau_sweep(sweep: dict, path: str, parameter: str = "tau") -> str:
+  """Speedup and accuracy of `fpsr` against the verifier's threshold (tau for cpn)."""
   taus = sorted(float(t) for t in sweep)
   speed = [sweep[str(t)]["speedup_vs_target"] for t in taus]
   acc = [sweep[str(t)]["accuracy"] for t in taus]
   fig, ax = plt.subplots(figsize=(5, 3.2))
   ax.plot(taus, speed, "o-", color="tab:blue", label="speedup vs target")
-  ax.set_xlabel("tau (CPN acceptance threshold)")
+  ax.set_xlabel(_SWEEP_LABELS.get(parameter, parameter))
   ax.set_ylabel("median speedup (x)", color="tab:blue")
   ax2 = ax.twinx()
   ax2.plot(taus, acc, "s--", color="tab:red", label="accuracy")
   ax2.set_ylabel("accuracy", color="tab:red")
   ax2.set_ylim(0, 1.05)
-  ax.set_title("FPSR: speed and accuracy against tau")
+  ax.set_title("FPSR: speed and accuracy against the threshold")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -83,7 +87,8 @@ def write_plots(report: dict, timeline: Optional[list], workdir: str) -> list[st
   os.makedirs(workdir, exist_ok=True)
   paths = [plot_acceptance(report, os.path.join(workdir, "acceptance.png"))]
   if report.get("tau_sweep"):
-    paths.append(plot_tau_sweep(report["tau_sweep"], os.path.join(workdir, "tau_sweep.png")))
+    paths.append(plot_tau_sweep(report["tau_sweep"], os.path.join(workdir, "tau_sweep.png"),
+                                report.get("tau_sweep_parameter", "tau")))
   if timeline:
     paths.append(plot_timeline(timeline, os.path.join(workdir, "fpsr_timeline.png")))
   return paths

@@ -84,14 +84,16 @@ def verify_template_ids(tokenizer) -> tuple[tuple[int, ...], int, int]:
 
 
 def round_config(tokenizer, ec: EvalConfig, *, verifier: Optional[str] = None,
-                 tau: Optional[float] = None) -> RoundConfig:
+                 tau: Optional[float] = None,
+                 likelihood_threshold: Optional[float] = None) -> RoundConfig:
   template, pos, neg = verify_template_ids(tokenizer)
   name = verifier or ec.verifier
   kw: dict[str, Any] = dict(name=name)
   if name == "cpn":
     kw.update(tau=tau or ec.tau, min_mass=ec.min_mass, pos_ids=(pos,), neg_ids=(neg,))
   elif name == "likelihood":
-    kw.update(threshold=ec.likelihood_threshold)
+    kw.update(threshold=ec.likelihood_threshold if likelihood_threshold is None
+              else likelihood_threshold)
   delim = tokenizer.encode(task_lib.STEP_DELIMITER, add_special_tokens=False)
   return RoundConfig(num_steps=ec.num_steps, max_step_tokens=ec.max_step_tokens,
                      delimiter_ids=tuple(delim), eos_ids=(tokenizer.eos_token_id,),

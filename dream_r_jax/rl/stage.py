@@ -212,12 +212,14 @@ def _check_judge(ctx: StageContext, trainer: SapoTrainer, chunk: int,
   if out:
     gap = out["judge/accept_right"] - out["judge/accept_wrong"]
     log = logging.warning if gap < judge_lib.MIN_SEPARATION else logging.info
-    log("[sapo] the target's judge on %d validation steps: accepts %.2f of right and %.2f "
-        "of corrupted steps (CPN %.3f vs %.3f)%s", int(out["judge/steps"]),
+    judge = trainer.rc.judge
+    log("[sapo] the target's %s judge on %d validation steps: accepts %.2f of right and "
+        "%.2f of corrupted steps (score %.3f vs %.3f)%s", judge, int(out["judge/steps"]),
         out["judge/accept_right"], out["judge/accept_wrong"], out["judge/cpn_right"],
         out["judge/cpn_wrong"], "" if gap >= judge_lib.MIN_SEPARATION else
-        "; the acceptance reward carries little signal: train target_sft's judge longer "
-        "(--target_steps, --verdict_ratio)")
+        "; the acceptance reward carries little signal" + (
+            ": train target_sft's judge longer (--target_steps, --verdict_ratio) or use "
+            "--sapo_judge=likelihood" if judge == "cpn" else ""))
   return out
 
 
