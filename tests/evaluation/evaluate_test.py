@@ -29,7 +29,7 @@ def test_report_has_every_method_and_field(setup, tmp_path):
   ec = runner.EvalConfig(methods=("target", "sequential", "fpsr"), max_new_tokens=12,
                          num_steps=2, max_step_tokens=6, verifier="exact")
   rep = evaluate.run_evaluation(workdir=str(tmp_path), draft=draft, target=target,
-                                tokenizer=tok, examples=examples, ec=ec, taus=(0.7,),
+                                tokenizer=tok, examples=examples, ec=ec,
                                 progress=lambda _: None)
   with open(tmp_path / "report.json") as f:
     on_disk = json.load(f)
@@ -45,8 +45,8 @@ def test_report_has_every_method_and_field(setup, tmp_path):
   assert outs["fpsr"] == outs["target"] == outs["sequential"]
   assert 0 < on_disk["draft_target_cost_ratio"]["ratio"]
   assert on_disk["hardware"]["platform"] == "cpu"
-  assert "tau_sweep" in on_disk and "0.7" in on_disk["tau_sweep"]
-  for name in ("acceptance.png", "fpsr_timeline.png", "tau_sweep.png", "report.md"):
+  assert "tau_sweep" not in on_disk  # exact has no threshold to sweep
+  for name in ("acceptance.png", "fpsr_timeline.png", "report.md"):
     assert os.path.getsize(tmp_path / name) > 0
   assert rep["methods"]["target"]["placement"]
 
@@ -95,3 +95,17 @@ def test_extra_drafts_are_compared_on_the_same_examples(setup, tmp_path):
     assert d["accuracy"] == rep["methods"]["target"]["accuracy"]
   with open(tmp_path / "report.md") as f:
     assert "| twin |" in f.read()
+
+
+def test_threshold_sweep_follows_the_verifier(setup, tmp_path):
+  tok, examples, draft, target = setup
+  ec = runner.EvalConfig(methods=("target", "fpsr"), max_new_tokens=12, num_steps=2,
+                         max_step_tokens=6, verifier="likelihood")
+  rep = evaluate.run_evaluation(workdir=str(tmp_path), draft=draft, target=target,
+                                tokenizer=tok, examples=examples, ec=ec,
+                                taus=(-1e4, -1e-6), progress=lambda _: None)
+  assert rep["tau_sweep_parameter"] == "likelihood_threshold"
+  loose, strict = rep["tau_sweep"]["-10000.0"], rep["tau_sweep"]["-1e-06"]
+  # A random draft's steps all pass a threshold of -1e4 and all fail one of -1e-6.
+  assert loose["step_acceptance"] == 1.0 and strict["step_acceptance"] == 0.0
+  assert os.path.getsize(tmp_path / "tau_sweep.png") > 0
