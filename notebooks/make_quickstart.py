@@ -56,8 +56,11 @@ from dream_r_jax.evaluation.runner import EvalConfig, Evaluator
 examples = [task.example_at(task.get_config("default"), 123, i) for i in range(NUM_EXAMPLES)]
 # Half the devices draft, half verify (1 + 1 on a CPU host, 4 + 4 on a v5e-8).
 n_draft = max(1, len(jax.devices()) // 2)
+# The quickstart's verifier: the target's likelihood of each drafted step (its CPN verdicts
+# are not trained enough to judge; see the README). verifier="cpn" is the TBVM default.
 ec = EvalConfig(methods=("target", "fpsr"), max_new_tokens=80, num_steps=4,
-                max_step_tokens=16, num_draft_devices=n_draft,
+                max_step_tokens=16, verifier="likelihood", likelihood_threshold=-0.3,
+                num_draft_devices=n_draft,
                 num_target_devices=len(jax.devices()) - n_draft)
 evaluator = Evaluator(draft, target, tokenizer, ec)
 results = evaluator.run(examples)
@@ -102,8 +105,10 @@ def main():
   nb = v4.new_notebook()
   nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                "language": "python"}
-  for kind, src in CELLS:
-    nb.cells.append(v4.new_markdown_cell(src) if kind == "md" else v4.new_code_cell(src))
+  for i, (kind, src) in enumerate(CELLS):
+    cell = v4.new_markdown_cell(src) if kind == "md" else v4.new_code_cell(src)
+    cell.id = f"cell-{i:02d}"  # Stable ids: a regenerated notebook diffs only where it changed.
+    nb.cells.append(cell)
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.ipynb")
   nbformat.write(nb, path)
   print(path)
