@@ -116,6 +116,12 @@ def _ids(tokenizer, text: str) -> list[int]:
   return tokenizer.encode(text, add_special_tokens=False)
 
 
+def _bos(tokenizer) -> list[int]:
+  # Qwen tokenizers have no BOS token (bos_token_id is None): their prompts start bare.
+  bos = tokenizer.bos_token_id
+  return [] if bos is None else [bos]
+
+
 def _image_ids(tokenizer, example: dict[str, Any], n: Optional[int]) -> list[int]:
   image = example.get("image")
   if image is None:
@@ -132,14 +138,15 @@ def _image_ids(tokenizer, example: dict[str, Any], n: Optional[int]) -> list[int
 
 def encode_prompt(tokenizer, example: dict[str, Any],
                   num_image_tokens: Optional[int] = None) -> np.ndarray:
-  """bos [vision_start image_pad*n vision_end] question delimiter, as int32 ids.
+  """bos [vision_start image_pad*n vision_end] question delimiter, as int32 ids (no bos
+  when the tokenizer has none, as Qwen's).
 
   Args:
     tokenizer: the tokenizer (bundled or a real checkpoint's).
     example: an example dict; its image (if any) decides whether vision tokens appear.
     num_image_tokens: placeholders for the image; by default from the image size.
   """
-  ids = [tokenizer.bos_token_id] + _image_ids(tokenizer, example, num_image_tokens)
+  ids = _bos(tokenizer) + _image_ids(tokenizer, example, num_image_tokens)
   ids += _ids(tokenizer, task_lib.prompt_text(example))
   return np.asarray(ids, np.int32)
 
@@ -188,7 +195,7 @@ def encode_verdict(tokenizer, example: dict[str, Any], prefix_text: str,
     (ids, loss_mask), int32 [T] each; the loss covers the verdict token only.
   """
   positive, negative = verdict_token_ids(tokenizer)
-  ids = [tokenizer.bos_token_id] + _image_ids(tokenizer, example, num_image_tokens)
+  ids = _bos(tokenizer) + _image_ids(tokenizer, example, num_image_tokens)
   ids += _ids(tokenizer, task_lib.verdict_query(prefix_text, candidate_step))
   ids.append(positive if label else negative)
   mask = np.zeros(len(ids), np.int32)

@@ -94,6 +94,28 @@ def test_encode_prompt_layout(tok):
   assert text_ids[0] == special[0] and not set(special[1:]) & set(text_ids)
 
 
+class _NoBos:
+  """A tokenizer like Qwen's: no BOS token."""
+
+  def __init__(self, tok):
+    self._tok = tok
+
+  bos_token_id = None
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)
+
+
+def test_prompts_of_a_tokenizer_without_bos_start_bare(tok):
+  ex = task.example_at(task.TaskConfig.default(), 0, 0)
+  with_bos = tok_lib.encode_prompt(tok, ex).tolist()
+  assert tok_lib.encode_prompt(_NoBos(tok), ex).tolist() == with_bos[1:]
+  prefix, cand, label = task.verdict_examples(ex, np.random.default_rng(0))[0]
+  ids, mask = tok_lib.encode_verdict(_NoBos(tok), ex, prefix, cand, label)
+  want, want_mask = tok_lib.encode_verdict(tok, ex, prefix, cand, label)
+  assert ids.tolist() == want.tolist()[1:] and mask.tolist() == want_mask.tolist()[1:]
+
+
 def test_encode_sft_masks_only_steps_and_eos(tok):
   for i in range(20):
     ex = task.example_at(task.TaskConfig.default(), 0, i)
