@@ -23,14 +23,20 @@ from dream_r_jax.models import load_pretrained
 def load_pair(draft_dir: str, target_dir: str, tokenizer_dir: Optional[str] = None):
   """Loads both models (float32) and the shared tokenizer; checks that tokenizers agree."""
   tokenizer = tok_lib.load_tokenizer(tokenizer_dir or target_dir)
+  target, _ = load_pretrained(target_dir, dtype="float32")
+  draft = load_draft(draft_dir, tokenizer, target.cfg.vocab_size)
+  return draft, target, tokenizer
+
+
+def load_draft(draft_dir: str, tokenizer, vocab_size: int):
+  """A draft (float32) for a target with this tokenizer and vocabulary size; checked."""
   if os.path.exists(os.path.join(draft_dir, "tokenizer.json")):
     check_same_tokenizer(tok_lib.load_tokenizer(draft_dir), tokenizer)
   draft, _ = load_pretrained(draft_dir, dtype="float32")
-  target, _ = load_pretrained(target_dir, dtype="float32")
-  if draft.cfg.vocab_size != target.cfg.vocab_size:
+  if draft.cfg.vocab_size != vocab_size:
     raise ValueError(f"draft vocab_size {draft.cfg.vocab_size} != target vocab_size "
-                     f"{target.cfg.vocab_size}: they must share a tokenizer")
-  return draft, target, tokenizer
+                     f"{vocab_size}: they must share a tokenizer")
+  return draft
 
 
 def per_token_cost(evaluator: Evaluator, tokens: int = 64, repeats: int = 3) -> dict:

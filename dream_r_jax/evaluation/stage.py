@@ -48,7 +48,7 @@ def eval_stage(ctx) -> dict:
   sft_dir = stages.export_dir(ctx.cfg.workdir, "draft_sft")
   if (os.path.abspath(ctx.model_dir("draft")) == os.path.abspath(sapo_dir)
       and os.path.isfile(os.path.join(sft_dir, "config.json"))):
-    extra["sft"] = evaluate_lib.load_pair(sft_dir, ctx.model_dir("target"))[0]
+    extra["sft"] = evaluate_lib.load_draft(sft_dir, tokenizer, target.cfg.vocab_size)
     label = "sapo"
   report = evaluate_lib.run_evaluation(
       workdir=workdir, draft=draft, target=target, tokenizer=tokenizer, examples=examples,

@@ -18,7 +18,6 @@ from absl import logging
 from dream_r_jax.rl import states as states_lib
 from dream_r_jax.rl.config import SapoConfig
 from dream_r_jax.train import distill
-from dream_r_jax.train import evaluation
 from dream_r_jax.train import sft
 
 
@@ -52,11 +51,9 @@ def _generate_rows(ctx, scfg: SapoConfig, target, source) -> dict[str, np.ndarra
   n = min(scfg.trajectory_examples, len(source))
   examples = [source[i] for i in range(n)]
   logging.info("[sapo] the target answers %d training prompts for states", n)
-  gens = evaluation.greedy_generations(target, ctx.tokenizer, examples,
-                                       batch_size=cfg.eval_batch_size,
-                                       max_new_tokens=cfg.max_new_tokens)
-  rows = distill.build_rows(gens, list(range(n)), cfg.max_len,
-                            pad_id=ctx.tokenizer.pad_token_id or 0)
+  rows, _ = distill.target_rows(target, ctx.tokenizer, examples,
+                                batch_size=cfg.eval_batch_size,
+                                max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len)
   if ctx.is_primary:
     os.makedirs(ctx.stage_dir("sapo"), exist_ok=True)
     distill.save_rows(path, rows, meta)

@@ -263,7 +263,9 @@ def score_candidates(graphdef, params, inputs: Inputs, tokens, lengths, *,
   if rc.judge == "cpn" and (not rc.template_ids or not rc.pos_ids or not rc.neg_ids):
     raise ValueError("scoring needs template_ids, pos_ids and neg_ids in the RolloutConfig")
   with jax.named_scope("score"):
-    ids, n_new = verdict_inputs(tokens, lengths, rc.template_ids, rc.pad_id)
+    # The likelihood judge reads only the candidate's tokens; the template (if any) rides
+    # along so that both judges share one program shape.
+    ids, n_new = verdict_inputs(tokens, lengths, rc.template_ids or (rc.pad_id,), rc.pad_id)
     model, cache, last = _prefilled(graphdef, params, inputs, grid, group, ids.shape[1])
     logits, _ = model(ids, cache=cache, num_new=n_new)
     if rc.judge == "likelihood":

@@ -174,13 +174,8 @@ def run_sapo(ctx: StageContext, scfg: SapoConfig,
       if it % cfg.log_every == 0 or it == total:
         writer.write(it, {k: v for k, v in m.items() if k != "update/finite"})
         logging.info(_progress_line(it, total, m, start, first))
-      saved = (it < total and it % cfg.checkpoint_every == 0
-               and ckpts.save(it, state, meta(it), force=True))
-      if ctx.preempted(ckpts, it):
-        if not saved:
-          ckpts.save(it, state, meta(it), force=True)
-        ckpts.wait()
-        raise loop.Preempted(STAGE, it)
+      loop.checkpoint_or_preempt(ctx, ckpts, STAGE, it, total, cfg.checkpoint_every,
+                                 state, meta(it))
     if start < total:
       ckpts.save(total, state, meta(total), force=True)
     ckpts.wait()

@@ -18,6 +18,18 @@ import numpy as np
 from dream_r_jax.train import evaluation
 
 
+def target_rows(target, tokenizer, examples: Sequence[dict[str, Any]], *, batch_size: int,
+                max_new_tokens: int, max_len: int
+                ) -> tuple[dict[str, np.ndarray], evaluation.Generations]:
+  """The target's greedy trajectories on `examples` as padded SFT rows (record i is
+  example i), and the generations themselves."""
+  gens = evaluation.greedy_generations(target, tokenizer, examples, batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens)
+  rows = build_rows(gens, list(range(len(examples))), max_len,
+                    pad_id=tokenizer.pad_token_id or 0)
+  return rows, gens
+
+
 def build_rows(gens: evaluation.Generations, records: Sequence[int], max_len: int,
                pad_id: int = 0) -> dict[str, np.ndarray]:
   """Padded SFT rows from generations (loss on the generated tokens).

@@ -41,6 +41,18 @@ class Preempted(Exception):  # pylint: disable=g-bad-exception-name
     self.stage, self.step = stage, step
 
 
+def checkpoint_or_preempt(ctx, ckpts, stage: str, step: int, total: int, every: int,
+                          state, meta: dict[str, Any]) -> None:
+  """After step `step`: saves every `every` steps (the caller saves the last one) and, once
+  SIGTERM has arrived, makes sure this step is saved and raises `Preempted`."""
+  saved = step < total and step % every == 0 and ckpts.save(step, state, meta, force=True)
+  if ctx.preempted(ckpts, step):
+    if not saved:
+      ckpts.save(step, state, meta, force=True)
+    ckpts.wait()
+    raise Preempted(stage, step)
+
+
 class SigtermFlag:
   """Turns SIGTERM into a flag that the loop checks between steps (main thread only)."""
 
@@ -180,13 +192,8 @@ def train_sft(ctx, job: SFTJob) -> SFTResult:
           logging.info(progress.line(step, m))
           writer.write(step, {"loss": m["loss"], "learning_rate": m["lr"],
                               "grad_norm": m["grad_norm"], "tokens_per_second": tps})
-        saved = (step < total and step % cfg.checkpoint_every == 0
-                 and ckpts.save(step, state, meta(step), force=True))
-        if ctx.preempted(ckpts, step):
-          if not saved:
-            ckpts.save(step, state, meta(step), force=True)
-          ckpts.wait()
-          raise Preempted(job.stage, step)
+        checkpoint_or_preempt(ctx, ckpts, job.stage, step, total, cfg.checkpoint_every,
+                              state, meta(step))
       ckpts.save(total, state, meta(total), force=True)
     ckpts.wait()
   finally:

@@ -153,13 +153,11 @@ def _trajectories(ctx: StageContext, fingerprint) -> tuple[dict[str, Any], dict[
   examples = [source[i] for i in range(n)]
   target, _ = load_pretrained(ctx.model_dir("target"), mesh=ctx.mesh, rules=ctx.rules)
   t0 = time.time()
-  gens = evaluation.greedy_generations(target, ctx.tokenizer, examples,
-                                       batch_size=cfg.eval_batch_size,
-                                       max_new_tokens=cfg.max_new_tokens)
+  rows, gens = distill.target_rows(target, ctx.tokenizer, examples,
+                                   batch_size=cfg.eval_batch_size,
+                                   max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len)
   correct = [evaluation.answer_correct(ctx.tokenizer, o, e["answer"])
              for o, e in zip(gens.outputs, examples)]
-  rows = distill.build_rows(gens, list(range(n)), cfg.max_len,
-                            pad_id=ctx.tokenizer.pad_token_id or 0)
   if ctx.is_primary:
     os.makedirs(ctx.stage_dir("draft_sft"), exist_ok=True)
     distill.save_rows(path, rows, meta)

@@ -73,17 +73,22 @@ def test_bad_inputs(setup):
     runner.check_same_tokenizer(OtherVocab(), tok)
 
 
-def test_extra_drafts_are_compared_on_the_same_examples(setup, tmp_path):
+def _target_vs_fpsr(setup, tmp_path, verifier, **kw):
+  """run_evaluation of `target` and `fpsr` on the tiny models with `verifier`."""
   tok, examples, draft, target = setup
   ec = runner.EvalConfig(methods=("target", "fpsr"), max_new_tokens=12, num_steps=2,
-                         max_step_tokens=6, verifier="exact")
+                         max_step_tokens=6, verifier=verifier)
+  return evaluate.run_evaluation(workdir=str(tmp_path), draft=draft, target=target,
+                                 tokenizer=tok, examples=examples, ec=ec,
+                                 progress=lambda _: None, **kw)
+
+
+def test_extra_drafts_are_compared_on_the_same_examples(setup, tmp_path):
+  target = setup[3]
   # A draft identical to the target has every step accepted by the exact verifier, and
   # every draft stays lossless.
-  rep = evaluate.run_evaluation(workdir=str(tmp_path), draft=draft, target=target,
-                                tokenizer=tok, examples=examples, ec=ec,
-                                progress=lambda _: None,
-                                extra_drafts={"twin": nnx.clone(target)},
-                                draft_label="random")
+  rep = _target_vs_fpsr(setup, tmp_path, "exact", extra_drafts={"twin": nnx.clone(target)},
+                        draft_label="random")
   drafts = rep["drafts"]
   assert list(drafts) == ["random", "twin"]
   assert drafts["twin"]["step_acceptance"] == pytest.approx(1.0)
@@ -98,12 +103,7 @@ def test_extra_drafts_are_compared_on_the_same_examples(setup, tmp_path):
 
 
 def test_threshold_sweep_follows_the_verifier(setup, tmp_path):
-  tok, examples, draft, target = setup
-  ec = runner.EvalConfig(methods=("target", "fpsr"), max_new_tokens=12, num_steps=2,
-                         max_step_tokens=6, verifier="likelihood")
-  rep = evaluate.run_evaluation(workdir=str(tmp_path), draft=draft, target=target,
-                                tokenizer=tok, examples=examples, ec=ec,
-                                taus=(-1e4, -1e-6), progress=lambda _: None)
+  rep = _target_vs_fpsr(setup, tmp_path, "likelihood", taus=(-1e4, -1e-6))
   assert rep["tau_sweep_parameter"] == "likelihood_threshold"
   loose, strict = rep["tau_sweep"]["-10000.0"], rep["tau_sweep"]["-1e-06"]
   # A random draft's steps all pass a threshold of -1e4 and all fail one of -1e-6.
