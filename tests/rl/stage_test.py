@@ -127,3 +127,29 @@ def test_bad_settings_fail_before_any_work(workdir):
   msg = str(e.value)
   assert "--sapo_group_size=1" in msg and "all reward weights are zero" in msg
   assert "--sapo_states_per_iteration=6 is not divisible" in msg
+
+
+def test_eval_stage_compares_the_sapo_draft_with_the_sft_draft(tmp_path):
+  from dream_r_jax.evaluation import flags as eval_flags  # pylint: disable=g-import-not-at-top,unused-import
+  root = str(tmp_path / "run")
+  tok = tok_lib.bundled_tokenizer()
+  _save_random("smoke_vl_target", export_dir(root, "target_sft"), 0, tok)
+  _save_random("smoke_vl_draft", export_dir(root, "draft_sft"), 1, tok)
+  _save_random("smoke_vl_draft", export_dir(root, "sapo"), 2, tok)
+  fv = flags.FLAGS
+  fv.unparse_flags()
+  fv(["train", "--spec_methods=target,fpsr", "--spec_examples=2", "--spec_num_steps=2",
+      "--spec_max_step_tokens=6", "--spec_max_new_tokens=12", "--spec_verifier=exact"],
+     known_only=True)
+  try:
+    summary = runner.run(_cfg(root).replace(stages=("eval",)))["eval"]
+  finally:
+    fv.unparse_flags()
+  assert {"fpsr[sapo draft]", "fpsr[sft draft]"} <= set(summary)
+  with open(summary["report"]) as f:
+    report = json.load(f)
+  assert list(report["drafts"]) == ["sapo", "sft"]
+  assert report["config"]["draft"] == export_dir(root, "sapo")
+  # The exact verifier is lossless whichever draft runs.
+  for d in report["drafts"].values():
+    assert d["accuracy"] == report["methods"]["target"]["accuracy"]
