@@ -59,7 +59,8 @@ class DecodeOutput:
   forward_passes: jax.Array
 
 
-def _isin(tok, ids: tuple[int, ...]):
+def token_in(tok, ids: tuple[int, ...]):
+  """Whether each token of `tok` is one of `ids` (a static tuple; none -> all False)."""
   if not ids:
     return jnp.zeros(tok.shape, bool)
   return jnp.any(tok[..., None] == jnp.asarray(ids, tok.dtype), axis=-1)
@@ -114,8 +115,8 @@ def decode_loop(graphdef, state, cache: KVCache, last_logits, rng, active, *,
     lengths = c["lengths"] + act
     step_idx = jnp.minimum(c["steps"], n_steps - 1)
     step_lens = c["step_lens"].at[rows, step_idx].add(act.astype(jnp.int32))
-    is_eos = _isin(tok, stop.eos_ids) & act
-    ends_step = _isin(tok, stop.stop_ids) & act
+    is_eos = token_in(tok, stop.eos_ids) & act
+    ends_step = token_in(tok, stop.stop_ids) & act
     if stop.max_step_tokens:
       ends_step |= act & (step_lens[rows, step_idx] >= stop.max_step_tokens)
     steps = c["steps"] + ends_step

@@ -34,8 +34,12 @@ SPEC_SCORE_THRESHOLD = flags.DEFINE_float("spec_score_threshold", 7.0,
 SPEC_LIKELIHOOD_THRESHOLD = flags.DEFINE_float(
     "spec_likelihood_threshold", -1.0,
     "likelihood verifier: accept a step whose mean target log-prob is at least this.")
-SPEC_OVERLAP = flags.DEFINE_enum("spec_overlap", "threads", ["threads", "async", "none"],
-                                 "How FPSR overlaps draft and target programs.")
+SPEC_OVERLAP = flags.DEFINE_enum("spec_overlap", "async", ["async", "threads", "none"],
+                                 "How the engine overlaps draft and target programs: "
+                                 "async dispatch, one host thread per mesh, or none.")
+SPEC_CHAIN_BUCKET = flags.DEFINE_integer(
+    "spec_chain_bucket", 16, "The target verifies a drafted chain padded only to the next "
+    "multiple of this many tokens (one compiled verify pass per width); 0 = always K * L.")
 SPEC_DRAFT_DEVICES = flags.DEFINE_integer("spec_draft_devices", 1, "Devices of the draft mesh.")
 SPEC_TARGET_DEVICES = flags.DEFINE_integer("spec_target_devices", 1,
                                            "Devices of the target mesh.")
@@ -48,7 +52,8 @@ def eval_config_from_flags() -> EvalConfig:
       verifier=SPEC_VERIFIER.value, tau=SPEC_TAU.value, min_mass=SPEC_MIN_MASS.value,
       score_threshold=SPEC_SCORE_THRESHOLD.value,
       likelihood_threshold=SPEC_LIKELIHOOD_THRESHOLD.value, gamma=SPEC_GAMMA.value,
-      overlap=SPEC_OVERLAP.value, num_draft_devices=SPEC_DRAFT_DEVICES.value,
+      overlap=SPEC_OVERLAP.value, chain_bucket=SPEC_CHAIN_BUCKET.value,
+      num_draft_devices=SPEC_DRAFT_DEVICES.value,
       num_target_devices=SPEC_TARGET_DEVICES.value)
 
 

@@ -42,7 +42,8 @@ class EvalConfig:
   score_threshold: float = 7.0
   likelihood_threshold: float = -1.0  # `likelihood`: minimum mean target log-prob
   gamma: int = 4                     # token_sd draft length
-  overlap: str = "threads"
+  overlap: str = "async"
+  chain_bucket: int = 16             # verify-pass width granularity (0 = always K * L)
   num_draft_devices: int = 1
   num_target_devices: int = 1
   warmup_examples: int = 1
@@ -98,7 +99,7 @@ def round_config(tokenizer, ec: EvalConfig, *, verifier: Optional[str] = None,
   return RoundConfig(num_steps=ec.num_steps, max_step_tokens=ec.max_step_tokens,
                      delimiter_ids=tuple(delim), eos_ids=(tokenizer.eos_token_id,),
                      template_ids=template, verifier=VerifierConfig(**kw),
-                     pad_id=tokenizer.pad_token_id or 0)
+                     pad_id=tokenizer.pad_token_id or 0, chain_bucket=ec.chain_bucket)
 
 
 def check_same_tokenizer(draft_tok, target_tok) -> None:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dream_r_jax.decoding.generate import prefill
+from dream_r_jax.decoding.generate import prefill, token_in
 from dream_r_jax.models import image_processing
 from dream_r_jax.models.kv_cache import KVCache
 from dream_r_jax.speculative import tbvm
@@ -146,12 +146,6 @@ def _prefilled(graphdef, params, inputs: Inputs, grid, group: int, extra: int):
   return model, repeat_rows(cache, group), repeat_rows(last, group)
 
 
-def _isin(tok, ids):
-  if not ids:
-    return jnp.zeros(tok.shape, bool)
-  return jnp.any(tok[..., None] == jnp.asarray(ids, tok.dtype), axis=-1)
-
-
 def _token_logprobs(logits, tokens, temperature: float):
   logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
   return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -197,13 +191,13 @@ def sample_candidates(graphdef, params, inputs: Inputs, rng, *, rc: RolloutConfi
       # Every live row writes at index i (rows only ever stop), so one column update does.
       tokens = c["tokens"].at[:, c["i"]].set(jnp.where(act, tok, rc.pad_id))
       logps = c["logp"].at[:, c["i"]].set(jnp.where(act, logp, 0.0))
-      stop = _isin(tok, stops) & act
+      stop = token_in(tok, stops) & act
       more = act & ~stop & (c["i"] + 1 < length)
       with jax.named_scope("draft_step"):
         out, cache = model(tok[:, None], cache=c["cache"], num_new=more.astype(jnp.int32))
       return dict(i=c["i"] + 1, rng=rng, tokens=tokens, logp=logps,
                   lengths=c["lengths"] + act, ended=c["ended"] | stop,
-                  hit_eos=c["hit_eos"] | (_isin(tok, rc.eos_ids) & act), active=more,
+                  hit_eos=c["hit_eos"] | (token_in(tok, rc.eos_ids) & act), active=more,
                   cache=cache, logits=jnp.where(more[:, None], out[:, 0], c["logits"]))
 
     init = dict(i=jnp.int32(0), rng=rng, tokens=jnp.full((n, length), rc.pad_id, jnp.int32),

@@ -45,11 +45,15 @@ def verify_inputs(chain: jax.Array, step_lens: jax.Array, template: jax.Array):
   Returns:
     ids [B, T], rel_pos [B, T] (position relative to the committed prefix),
     new_mask [B, T, T] (which new token may attend to which), verdict_idx [B, K] (the
-    index in T of each segment's last token); T = C + K * Lv.
+    index in T of each segment's last token, or None when the template is empty); T = C + K *
+    Lv.
   """
   b, c = chain.shape
   k = step_lens.shape[1]
   lv = template.shape[0]
+  if lv == 0:  # verifiers that read no verdict only need the chain, causally
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((c, c), bool)), (b, c, c))
+    return chain, jnp.broadcast_to(jnp.arange(c), (b, c)), causal, None
   _, end = step_bounds(step_lens)  # [B, K]
   seg_ids = jnp.broadcast_to(template, (b, k, lv)).reshape(b, k * lv)
   ids = jnp.concatenate([chain, seg_ids], axis=1)

@@ -9,6 +9,11 @@ Draft and target each live on their own mesh (`RoleModel`). A round is three dev
     keep that chain; the others discard it, sync, and draft again. Outputs are identical to
     `sequential`; only timing changes.
 
+Overlap (`overlap=`): "async" (default) dispatches programs for both meshes before awaiting
+either and relies on JAX's asynchronous dispatch, so the host only blocks when it needs a
+value (the drafted chain, the target's decision); "threads" runs each mesh's program from its
+own host thread; "none" runs them one after the other (for timing comparisons).
+
 Each program runs under `jax.shard_map` over its mesh's "data" axis (rows are independent, so
 each data shard runs its own token loop and stops when its own rows are done); the "model"
 axis stays automatic (tensor parallelism via the sharding rules).
@@ -94,7 +99,7 @@ class SpeculativeEngine:
   """Runs speculative reasoning over batches of prompts with draft and target models."""
 
   def __init__(self, draft: RoleModel, target: RoleModel, rc: RoundConfig, *,
-               overlap: str = "threads"):
+               overlap: str = "async"):
     if draft.devices & target.devices and overlap != "none":
       # Disjoint meshes are what lets the two programs run at the same time.
       raise ValueError("draft and target meshes share devices: "
@@ -108,27 +113,36 @@ class SpeculativeEngine:
     self._pool = cf.ThreadPoolExecutor(max_workers=2)
     self._mrope_t = target.cfg.mrope_section is not None
     self._mrope_d = draft.cfg.mrope_section is not None
+    self._compiled: set = set()
+    self._programs: dict = {}
 
   # Jitted programs are cached at module level by (graphdef, mesh, config, batch), so engines
-  # built with the same models and settings share compiled code.
+  # built with the same models and settings share compiled code. Hashing a graphdef walks the
+  # whole module tree, so each engine also keeps the programs it has looked up.
+  def _memo(self, key, make):
+    if key not in self._programs:
+      self._programs[key] = make()
+    return self._programs[key]
+
   def _draft_prog(self, batch):
-    return _program("draft", self.draft.graphdef, self.draft.mesh, self.rc, batch, False)
+    return self._memo(("draft", batch), lambda: _program(
+        "draft", self.draft.graphdef, self.draft.mesh, self.rc, batch, False))
 
   def _target_prog(self, batch):
-    return _program("target", self.target.graphdef, self.target.mesh, self.rc, batch,
-                    self._mrope_t)
+    return self._memo(("target", batch), lambda: _program(
+        "target", self.target.graphdef, self.target.mesh, self.rc, batch, self._mrope_t))
 
   # ---------------------------------------------------------------------------------------
   def _prefill(self, role: RoleModel, ids, lens, cache_len, images):
+    # One program builds the cache and writes the prompt: allocating the cache on the host
+    # and copying it over cost more than the prefill itself for small models.
     b = ids.shape[0]
-    cache = role.put_rows(KVCache.init(role.cfg, b, cache_len), b)
     positions = rope_delta = pixel_values = grid = None
     if images is not None and role.cfg.vision is not None:
       pixel_values, grid, positions, rope_delta = images(role.cfg)
-    fn = _prefill_jit(role.graphdef, grid)
-    last, cache = fn(role.state, cache, role.put_rows(jnp.asarray(ids), b),
-                     role.put_rows(jnp.asarray(lens), b), positions, rope_delta, pixel_values)
-    return cache, last
+    fn = self._memo(("prefill", id(role), grid, cache_len, b), lambda: _prefill_jit(
+        role.graphdef, role.cfg, grid, cache_len, role.rows_sharding(b)))
+    return fn(role.state, ids, lens, positions, rope_delta, pixel_values)
 
   def _run(self, role: str, fn, timeline, phase, t0):
     start = time.perf_counter() - t0
@@ -146,14 +160,62 @@ class SpeculativeEngine:
     if self.overlap == "async":
       start = time.perf_counter() - t0
       t_out, d_out = target_fn(), draft_fn()  # both dispatched before either is awaited
-      jax.block_until_ready(d_out)
-      timeline.append((draft_phase, "draft", start, time.perf_counter() - t0))
       jax.block_until_ready(t_out)
       timeline.append((target_phase, "target", start, time.perf_counter() - t0))
+      jax.block_until_ready(d_out)
+      timeline.append((draft_phase, "draft", start, time.perf_counter() - t0))
       return t_out, d_out
     t_out = self._run("target", target_fn, timeline, target_phase, t0)
     d_out = self._run("draft", draft_fn, timeline, draft_phase, t0)
     return t_out, d_out
+
+  def _start(self, target_prefill, draft_prefill, first_chain, timeline, t0):
+    """Prefills both caches and drafts the first chain.
+
+    The draft's prefill and first chain follow each other on the draft mesh while the target
+    prefills on its own mesh. Returns (target prefill output, first chain).
+    """
+    if self.overlap == "async":
+      # Everything is dispatched before anything is awaited; an end time is when the host
+      # saw the program done (an upper bound when an earlier wait covered it).
+      start = time.perf_counter() - t0
+      pt = target_prefill()
+      pd = draft_prefill()
+      d = first_chain(pd)
+      for phase, role, out in (("prefill", "draft", pd), ("draft", "draft", d),
+                               ("prefill", "target", pt)):
+        jax.block_until_ready(out)
+        end = time.perf_counter() - t0
+        timeline.append((phase, role, start, end))
+        start = end if role == "draft" else start
+      return pt, d
+
+    def draft_side():
+      pd = self._run("draft", draft_prefill, timeline, "prefill", t0)
+      return self._run("draft", lambda: first_chain(pd), timeline, "draft", t0)
+
+    if self.overlap == "threads":
+      ft = self._pool.submit(self._run, "target", target_prefill, timeline, "prefill", t0)
+      fd = self._pool.submit(draft_side)
+      return ft.result(), fd.result()
+    return self._run("target", target_prefill, timeline, "prefill", t0), draft_side()
+
+  def _compile_widths(self, target_prog, cache, last, budget, rng, batch):
+    """Compiles the verify pass for every chain width before the first round needs it.
+
+    Widths differ from round to round, so without this a timed run would include
+    compilations. Each width runs once with no active row (its outputs are dropped).
+    """
+    key = (batch, cache.max_len)
+    if key in self._compiled:
+      return
+    idle = np.zeros((batch,), bool)
+    for width in self.rc.chain_widths():
+      packed = np.zeros((batch, width + self.rc.num_steps), np.int32)
+      jax.block_until_ready(target_prog(self.target.state, cache, last,
+                                        self.target.put_rows(packed, batch), idle, budget,
+                                        rng))
+    self._compiled.add(key)
 
   def run(self, prompt_ids, prompt_lens, *, max_new_tokens: int, schedule: str = "fpsr",
           rng: Optional[jax.Array] = None, images=None, max_rounds: Optional[int] = None
@@ -178,8 +240,8 @@ class SpeculativeEngine:
     lens = np.asarray(prompt_lens, np.int32)
     b, t = prompt_ids.shape
     rc = self.rc
-    cache_len = t + max_new_tokens + 2 * rc.chain_len + rc.num_steps * max(
-        len(rc.template_ids), 1) + 2
+    cache_len = t + max_new_tokens + 2 * rc.chain_len + rc.num_steps * len(
+        rc.verify_template) + 2
     for cfg, name in ((self.draft.cfg, "draft"), (self.target.cfg, "target")):
       if cache_len > cfg.max_position_embeddings:
         raise ValueError(
@@ -188,12 +250,6 @@ class SpeculativeEngine:
             f"{cfg.max_position_embeddings}")
     rng = jax.random.key(0) if rng is None else rng
     fpsr = schedule == "fpsr"
-    timeline: list = []
-    t0 = time.perf_counter()
-    (cache_t, last_t), (cache_d, last_d) = self._both(
-        lambda: self._prefill(self.target, prompt_ids, lens, cache_len, images),
-        lambda: self._prefill(self.draft, prompt_ids, lens, cache_len, images),
-        timeline, t0, "prefill", target_phase="prefill")
     draft_prog, target_prog = self._draft_prog(b), self._target_prog(b)
     rng_d, rng_t = self.draft.replicated(rng), self.target.replicated(rng)
     to_target = lambda x: jax.device_put(x, self.target.rows_sharding(b))
@@ -213,19 +269,36 @@ class SpeculativeEngine:
       return lambda: draft_prog(self.draft.state, base["cache"], base["last_logits"], prev, fb,
                                 new_len, sync, keep, active, bud, rng_d, np.int32(r))
 
-    d = self._run("draft", draft_call(dict(cache=cache_d, last_logits=last_d), empty_chain,
-                                      empty_fb, zeros_i, no_rows, no_rows, ~done, budget, 0),
-                  timeline, "draft", t0)
+    def first_chain(prefilled):
+      last, cache = prefilled
+      return draft_call(dict(cache=cache, last_logits=last), empty_chain, empty_fb, zeros_i,
+                        no_rows, no_rows, ~done, budget, 0)()
+
+    timeline: list = []
+    t0 = time.perf_counter()
+    (last_t, cache_t), d = self._start(
+        lambda: self._prefill(self.target, prompt_ids, lens, cache_len, images),
+        lambda: self._prefill(self.draft, prompt_ids, lens, cache_len, images),
+        first_chain, timeline, t0)
     max_rounds = max_rounds or (max_new_tokens + 1)
+    self._compile_widths(target_prog, cache_t, last_t, budget, rng_t, b)
     r = 0
+    pending = None  # dispatch time of a sync+draft not yet awaited ("async" overlap)
     while not done.all() and r < max_rounds:
       active = ~done
-      packed_t = to_target(d["packed"])
+      packed_h = np.asarray(d["packed"])
+      if pending is not None:
+        timeline.append(("sync+draft", "draft", pending, time.perf_counter() - t0))
+        pending = None
+      chain_h, step_lens_h = packed_h[:, :rc.chain_len], packed_h[:, rc.chain_len:]
+      chain_lens = step_lens_h.sum(-1).astype(np.int32)
+      # The target verifies only the width the longest chain of the batch needs.
+      width = rc.chain_width(int(chain_lens[active].max()))
+      packed_t = to_target(np.concatenate([chain_h[:, :width], step_lens_h], axis=1))
       target_fn = lambda: target_prog(self.target.state, cache_t, last_t, packed_t, active,
                                       budget, rng_t)
       if fpsr:
         # Speculate: chain r is accepted whole, so chain r+1 starts where it ends.
-        chain_lens = np.asarray(d["packed"][:, rc.chain_len:]).sum(-1).astype(np.int32)
         spec_fn = draft_call(d, d["packed"], empty_fb, zeros_i, no_rows, no_rows, active,
                              budget - chain_lens, r + 1)
         tr, spec = self._both(target_fn, spec_fn, timeline, t0, "draft (speculative)")
@@ -233,8 +306,6 @@ class SpeculativeEngine:
         tr, spec = self._run("target", target_fn, timeline, "verify+fallback", t0), None
       h = jax.device_get(tr["decision"])
       cache_t, last_t = tr["cache"], tr["last_logits"]
-      packed_h = np.asarray(d["packed"])
-      chain_h, step_lens_h = packed_h[:, :rc.chain_len], packed_h[:, rc.chain_len:]
       acc_tokens, fb_lens = h["acc_tokens"], h["fb_lens"]
       new_tokens = [list(map(int, chain_h[i, :acc_tokens[i]])) +
                     list(map(int, h["fb_tokens"][i, :fb_lens[i]])) for i in range(b)]
@@ -252,9 +323,12 @@ class SpeculativeEngine:
           base = spec if fpsr else d
           keep = (~synced) if fpsr else no_rows
           todo = synced if fpsr else ~new_done
-          d = self._run("draft", draft_call(base, base["packed"], to_draft(tr["fb_packed"]),
-                                            new_len, synced, keep, todo, new_budget, r),
-                        timeline, "sync+draft", t0)
+          sync_fn = draft_call(base, base["packed"], to_draft(tr["fb_packed"]), new_len,
+                               synced, keep, todo, new_budget, r)
+          if self.overlap == "async":  # awaited at the top of the next round
+            pending, d = time.perf_counter() - t0, sync_fn()
+          else:
+            d = self._run("draft", sync_fn, timeline, "sync+draft", t0)
       for i in np.nonzero(active)[0]:
         st = stats[i]
         out_tokens[i].extend(new_tokens[i])
@@ -263,7 +337,9 @@ class SpeculativeEngine:
         st.steps_accepted += int(h["acc"][i])
         # One draft pass per drafted token of the verified chain, plus the sync pass.
         st.draft_forward_passes += int(step_lens_h[i].sum()) + int(synced[i])
-        st.target_forward_passes += 1 + int(fb_lens[i])
+        # The verify pass, then one pass per fallback token (an EOS read off the verify
+        # pass costs none).
+        st.target_forward_passes += 1 + int(fb_lens[i]) - int(h["eos_next"][i])
         st.draft_tokens += int(acc_tokens[i])
         st.target_tokens += int(fb_lens[i])
         nd = int(h["n_drafted"][i])
@@ -309,11 +385,12 @@ def _program(kind: str, graphdef, mesh, rc: RoundConfig, batch: int, mrope: bool
 
 
 @functools.lru_cache(maxsize=None)
-def _prefill_jit(graphdef, grid):
+def _prefill_jit(graphdef, cfg, grid, cache_len: int, rows: NamedSharding):
+  """Jitted prefill that also allocates the cache, on `rows`' mesh (rows split over data)."""
 
-  @jax.jit
-  def fn(state, cache, ids, lens, positions, rope_delta, pixel_values):
+  def fn(state, ids, lens, positions, rope_delta, pixel_values):
+    cache = KVCache.init(cfg, ids.shape[0], cache_len)
     return gen.prefill(graphdef, state, cache, ids, lens, positions, rope_delta, pixel_values,
                        None if grid is None else np.asarray(grid))
 
-  return fn
+  return jax.jit(fn, out_shardings=rows)

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dream_r_jax.decoding.generate import StopConfig, decode_loop
+from dream_r_jax.decoding.generate import StopConfig, decode_loop, token_in
 from dream_r_jax.decoding.sampling import SamplingConfig
 from dream_r_jax.models.kv_cache import KVCache
 from dream_r_jax.speculative import chain as chain_lib
 from dream_r_jax.speculative import tbvm
-from dream_r_jax.speculative.verifiers import VerifierConfig, VerifierInputs, verify
+from dream_r_jax.speculative.verifiers import (VerifierConfig, VerifierInputs, get_verifier,
+                                               verify)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,10 @@ class RoundConfig:
   verifier: VerifierConfig
   draft_sampling: SamplingConfig = SamplingConfig()
   pad_id: int = 0
+  # The target verifies only as many chain tokens as the longest drafted chain of the batch
+  # needs, rounded up to a multiple of `chain_bucket` (one compiled verify pass per width);
+  # 0 verifies the full K * L width every round.
+  chain_bucket: int = 0
 
   def __post_init__(self):
     if self.num_steps < 1:
@@ -45,13 +50,36 @@ class RoundConfig:
       raise ValueError(f"max_step_tokens = {self.max_step_tokens} must be >= 1")
     if not self.delimiter_ids:
       raise ValueError("delimiter_ids must name at least one step-delimiter token")
-    if self.verifier.name in ("cpn", "score") and not self.template_ids:
+    if self.reads_verdicts and not self.template_ids:
       raise ValueError(f"verifier {self.verifier.name!r} needs a verify template "
                        "(template_ids is empty)")
+    if self.chain_bucket < 0:
+      raise ValueError(f"chain_bucket = {self.chain_bucket} must be >= 0 (0 = no buckets)")
 
   @property
   def chain_len(self) -> int:
     return self.num_steps * self.max_step_tokens
+
+  @property
+  def reads_verdicts(self) -> bool:
+    """Whether the verifier reads the target's verdict after a verify template."""
+    return "verdict_logits" in get_verifier(self.verifier.name).requires
+
+  @property
+  def verify_template(self) -> tuple[int, ...]:
+    """The template the verify pass appends after each step (none if no verdict is read)."""
+    return self.template_ids if self.reads_verdicts else ()
+
+  def chain_widths(self) -> tuple[int, ...]:
+    """Every chain width the verify pass can be compiled for."""
+    if not self.chain_bucket:
+      return (self.chain_len,)
+    return tuple(sorted({min(w, self.chain_len) for w in range(
+        self.chain_bucket, self.chain_len + self.chain_bucket, self.chain_bucket)}))
+
+  def chain_width(self, longest: int) -> int:
+    """The verify width for a batch whose longest drafted chain has `longest` tokens."""
+    return next(w for w in self.chain_widths() if w >= min(longest, self.chain_len))
 
   def step_stop(self, max_stops: int) -> StopConfig:
     return StopConfig(eos_ids=self.eos_ids, stop_ids=self.delimiter_ids, max_stops=max_stops,
@@ -71,7 +99,9 @@ def draft_chain(graphdef, state, cache: KVCache, last_logits, rng, active, budge
 
 
 def unpack_chain(packed, rc: RoundConfig):
-  return packed[:, :rc.chain_len], packed[:, rc.chain_len:]
+  """packed [B, W + K] -> (chain [B, W], step_lens [B, K]); W may be under K * L."""
+  width = packed.shape[1] - rc.num_steps
+  return packed[:, :width], packed[:, width:]
 
 
 def _verifier_inputs(rc: RoundConfig, logits, last_logits, chain, step_lens, verdict_logits):
@@ -90,7 +120,7 @@ def target_round(graphdef, state, cache: KVCache, last_logits, packed, active, b
   model = nnx.merge(graphdef, state)
   chain, step_lens = unpack_chain(packed, rc)
   b, k = step_lens.shape
-  template = jnp.asarray(rc.template_ids or (rc.pad_id,), jnp.int32)
+  template = jnp.asarray(rc.verify_template, jnp.int32)
   with jax.named_scope("verify"):
     ids, rel_pos, new_mask, vidx = chain_lib.verify_inputs(chain, step_lens, template)
     positions = cache.lengths[:, None] + rel_pos + cache.rope_delta[:, None]
@@ -98,7 +128,8 @@ def target_round(graphdef, state, cache: KVCache, last_logits, packed, active, b
       positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
     logits, written = model(ids, cache=cache, num_new=jnp.zeros((b,), jnp.int32),
                             positions=positions, new_mask=new_mask)
-    verdict_logits = jnp.take_along_axis(logits, vidx[..., None], axis=1)  # [B, K, V]
+    verdict_logits = None if vidx is None else jnp.take_along_axis(
+        logits, vidx[..., None], axis=1)  # [B, K, V]
     inputs = _verifier_inputs(rc, logits, last_logits, chain, step_lens, verdict_logits)
     accept, _ = verify(rc.verifier, inputs)
     drafted = step_lens > 0
@@ -116,14 +147,25 @@ def target_round(graphdef, state, cache: KVCache, last_logits, packed, active, b
                              axis=1)[:, 0]
     last = jnp.where((acc_tokens > 0)[:, None], at, last_logits)
   need_fb = active & ((acc < n_drafted) | (n_drafted == 0))
+  # A chain accepted whole after which the target's own (greedy) next token is EOS ends the
+  # answer in this round: the verify pass already holds the logits that predict it, so the
+  # EOS costs neither a decode step nor another round.
+  last_tok = jnp.take_along_axis(chain, jnp.maximum(acc_tokens - 1, 0)[:, None], axis=1)[:, 0]
+  eos_next = (active & ~need_fb & (acc_tokens > 0) & (budget - acc_tokens > 0)
+              & ~token_in(last_tok, rc.eos_ids) & token_in(jnp.argmax(last, axis=-1), rc.eos_ids))
   with jax.named_scope("fallback"):
     fb = decode_loop(graphdef, state, cache, last, rng, need_fb, max_new=rc.max_step_tokens,
                      stop=rc.step_stop(1), sampling=SamplingConfig(),
                      budget=budget - acc_tokens, pad_id=rc.pad_id)
+  first = jnp.arange(rc.max_step_tokens)[None] == 0
+  fb_tokens = jnp.where(eos_next[:, None] & first,
+                        jnp.argmax(last, axis=-1).astype(jnp.int32)[:, None], fb.tokens)
+  fb_lens = jnp.where(eos_next, 1, fb.lengths)
   decision = dict(accept=accept, acc=acc, n_drafted=n_drafted, acc_tokens=acc_tokens,
-                  scores=scores, need_fb=need_fb, fb_tokens=fb.tokens, fb_lens=fb.lengths)
+                  scores=scores, need_fb=need_fb, fb_tokens=fb_tokens, fb_lens=fb_lens,
+                  eos_next=eos_next)
   # The fallback step travels to the draft mesh as one packed array [B, L + 1].
-  fb_packed = jnp.concatenate([fb.tokens, fb.lengths[:, None]], axis=1)
+  fb_packed = jnp.concatenate([fb_tokens, fb_lens[:, None]], axis=1)
   return dict(decision=decision, fb_packed=fb_packed, cache=fb.cache,
               last_logits=fb.last_logits)
 

@@ -263,7 +263,7 @@ def target_verify(graphdef, state, ts: TargetState, prop: Proposal, rng, *,
     padded = jnp.concatenate([prop.tokens, jnp.full((b, 1), cfg.pad_id, jnp.int32)], axis=1)
     new = jnp.where(i < accepted[:, None], padded, token[:, None])  # [B, G+1]
     count = jnp.where(active, accepted + 1, 0)
-    is_eos = gen._isin(new, cfg.eos_ids) & (i < count[:, None])  # pylint: disable=protected-access
+    is_eos = gen.token_in(new, cfg.eos_ids) & (i < count[:, None])
     hit_eos = jnp.any(is_eos, axis=1)
     count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, count).astype(jnp.int32)
     rows = jnp.arange(b)[:, None]

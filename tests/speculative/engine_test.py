@@ -43,12 +43,14 @@ def _meshes(split=(2, 2), data=2):
 
 
 def _engine(draft_model, verifier, *, k=3, l=4, sampling=SamplingConfig(), split=(2, 2),
-            data=2):
+            data=2, eos=EOS, overlap="threads", chain_bucket=0):
   meshes = _meshes(split, data)
-  rc = RoundConfig(num_steps=k, max_step_tokens=l, delimiter_ids=(DELIM,), eos_ids=(EOS,),
-                   template_ids=TEMPLATE, verifier=verifier, draft_sampling=sampling)
+  rc = RoundConfig(num_steps=k, max_step_tokens=l, delimiter_ids=(DELIM,), eos_ids=(eos,),
+                   template_ids=TEMPLATE, verifier=verifier, draft_sampling=sampling,
+                   chain_bucket=chain_bucket)
   return SpeculativeEngine(RoleModel(draft_model, meshes[mesh_lib.Role.DRAFT]),
-                           RoleModel(_target(), meshes[mesh_lib.Role.TARGET]), rc)
+                           RoleModel(_target(), meshes[mesh_lib.Role.TARGET]), rc,
+                           overlap=overlap)
 
 
 def test_nothing_accepted_equals_target_greedy(reference):
@@ -101,6 +103,52 @@ def test_fpsr_equals_sequential(verifier):
   if verifier.name == "exact":
     flat = [a for row in acc for rnd in row for a in rnd if a >= 0]
     assert 0 < sum(flat) < len(flat)
+
+
+@pytest.mark.parametrize("verifier", [
+    VerifierConfig(name="exact"),
+    VerifierConfig(name="cpn", tau=0.51, min_mass=0.0, pos_ids=POS, neg_ids=NEG),
+])
+def test_outputs_do_not_depend_on_overlap_or_verify_width(verifier):
+  """Overlap modes only change timing; verify widths (chain_bucket) only change padding."""
+  runs = []
+  for overlap, bucket in (("none", 0), ("async", 2), ("threads", 5)):
+    out = _engine(_target(), verifier, sampling=SAMPLING, overlap=overlap,
+                  chain_bucket=bucket).run(IDS, LENS, max_new_tokens=N, schedule="fpsr",
+                                           rng=jax.random.key(5))
+    runs.append((out.tokens, [s.accept_by_position for s in out.stats],
+                 [s.target_forward_passes for s in out.stats]))
+    phases = {(phase, role) for phase, role, _, _ in out.timeline}
+    assert {("prefill", "target"), ("prefill", "draft"), ("draft", "draft"),
+            ("verify+fallback", "target")} <= phases
+  assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+def test_round_config_chain_widths():
+  rc = lambda bucket: RoundConfig(num_steps=3, max_step_tokens=4, delimiter_ids=(DELIM,),
+                                  eos_ids=(EOS,), template_ids=TEMPLATE,
+                                  verifier=VerifierConfig(name="exact"), chain_bucket=bucket)
+  assert rc(0).chain_widths() == (12,) and rc(0).chain_width(1) == 12
+  assert rc(5).chain_widths() == (5, 10, 12)
+  assert [rc(5).chain_width(n) for n in (0, 1, 5, 6, 10, 11, 12)] == [5, 5, 5, 10, 10, 12, 12]
+  # Verifiers that read no verdict verify the chain alone, without templates.
+  assert rc(0).verify_template == ()
+  with pytest.raises(ValueError, match="chain_bucket"):
+    rc(-1)
+
+
+def test_eos_after_an_accepted_chain_ends_the_answer_in_the_same_round():
+  """The target's EOS right after a fully accepted chain comes from the verify pass."""
+  eos = 26  # the target's greedy output of row 0 first writes 26 after 14 tokens
+  out = generate(_target(), IDS, LENS, max_new_tokens=N, eos_ids=(eos,))
+  ref = [list(map(int, np.asarray(out.tokens[i, :out.lengths[i]]))) for i in range(4)]
+  assert len(ref[0]) == 15 and ref[0][-1] == eos and DELIM not in ref[0]
+  run = _engine(_target(), VerifierConfig(name="exact"), k=1, l=14, eos=eos).run(
+      IDS, LENS, max_new_tokens=N, schedule="fpsr")
+  assert run.tokens == ref
+  s = run.stats[0]
+  assert (s.rounds, s.draft_tokens, s.target_tokens) == (1, 14, 1)
+  assert s.target_forward_passes == 2  # prefill and one verify pass; no decode step
 
 
 def test_rows_progress_independently(reference):
