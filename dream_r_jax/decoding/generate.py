@@ -142,11 +142,9 @@ def decode_loop(graphdef, state, cache: KVCache, last_logits, rng, active, *,
                       forward_passes=c["passes"])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "max_new", "stop",
-                                             "sampling", "cache_len", "image_grid_thw",
-                                             "pad_id"))
-def _generate(graphdef, state, prompt_ids, prompt_lens, rng, positions, rope_delta,
+def _generate(graphdef, treedef, leaves, prompt_ids, prompt_lens, rng, positions, rope_delta,
               pixel_values, *, cfg, max_new, stop, sampling, cache_len, image_grid_thw, pad_id):
+  state = jax.tree.unflatten(treedef, leaves)
   cache = KVCache.init(cfg, prompt_ids.shape[0], cache_len)
   grid = None if image_grid_thw is None else np.asarray(image_grid_thw)
   last, cache = prefill(graphdef, state, cache, prompt_ids, prompt_lens, positions,
@@ -154,6 +152,83 @@ def _generate(graphdef, state, prompt_ids, prompt_lens, rng, positions, rope_del
   active = jnp.ones((prompt_ids.shape[0],), bool)
   return decode_loop(graphdef, state, cache, last, rng, active, max_new=max_new, stop=stop,
                      sampling=sampling, pad_id=pad_id)
+
+
+_STATIC = ("cfg", "max_new", "stop", "sampling", "cache_len", "image_grid_thw", "pad_id")
+# Shared by `generate` calls: the structure is static, so calls with equal models and settings
+# reuse one compilation (at the price of hashing the graphdef on every call).
+_generate_shared = jax.jit(_generate, static_argnums=(0, 1), static_argnames=_STATIC)
+
+
+class Generator:
+  """`generate` for one model, reusable: the model is split and flattened once.
+
+  Each call then costs one jitted dispatch (one compilation per generator and distinct shape
+  and settings; `share_compilation=True` shares compilations between generators instead, at
+  the price of hashing the model structure on every call).
+  Host inputs stay NumPy until that dispatch, so they are copied once, straight to the
+  devices that hold the model. The state is captured when the generator is built: build a
+  new one after the parameters change.
+  """
+
+  def __init__(self, model=None, *, split=None, share_compilation: bool = False):
+    if (model is None) == (split is None):
+      raise ValueError("Generator needs exactly one of model= or split=(cfg, graphdef, state)")
+    if model is not None:
+      graphdef, state = nnx.split(model)
+      self.cfg = model.cfg
+    else:
+      self.cfg, graphdef, state = split
+    self.graphdef = graphdef
+    self.leaves, self.treedef = jax.tree.flatten(state)
+    self._share = share_compilation
+    self._fns: dict = {}
+
+  def _fn(self, **static):
+    if self._share:
+      return functools.partial(_generate_shared, self.graphdef, self.treedef, cfg=self.cfg,
+                               **static)
+    key = tuple(sorted(static.items()))
+    if key not in self._fns:
+      self._fns[key] = jax.jit(functools.partial(_generate, self.graphdef, self.treedef,
+                                                 cfg=self.cfg, **static))
+    return self._fns[key]
+
+  def __call__(self, prompt_ids, prompt_lens=None, *, max_new_tokens: int,
+               eos_ids: Sequence[int] = (), stop_ids: Sequence[int] = (), max_stops: int = 0,
+               max_step_tokens: int = 0, sampling: SamplingConfig = SamplingConfig(),
+               rng: Optional[jax.Array] = None, pixel_values=None, image_grid_thw=None,
+               pad_id: int = 0) -> DecodeOutput:
+    """See `generate`."""
+    cfg = self.cfg
+    if not isinstance(prompt_ids, jax.Array):
+      prompt_ids = np.asarray(prompt_ids, np.int32)
+    b, t = prompt_ids.shape
+    prompt_lens = (np.full((b,), t, np.int32) if prompt_lens is None
+                   else np.asarray(prompt_lens, np.int32))
+    if np.any(prompt_lens < 1) or np.any(prompt_lens > t):
+      raise ValueError(f"prompt_lens={prompt_lens.tolist()} must be in [1, {t}]")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    # The loop feeds every generated token, so the longest row fills exactly t + max_new.
+    cache_len = t + max_new_tokens
+    if cache_len > cfg.max_position_embeddings:
+      raise ValueError(
+          f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds the model's position "
+          f"limit max_position_embeddings={cfg.max_position_embeddings}")
+    positions = rope_delta = None
+    grid = None
+    if pixel_values is not None:
+      from dream_r_jax.models import mrope  # pylint: disable=g-import-not-at-top
+      grid = tuple(tuple(int(x) for x in row) for row in np.asarray(image_grid_thw))
+      mask = (np.arange(t)[None] < prompt_lens[:, None]).astype(np.int32)
+      positions, rope_delta = (np.asarray(x) for x in mrope.get_rope_index(
+          cfg, np.asarray(prompt_ids), np.asarray(grid), mask))
+    rng = jax.random.key(0) if rng is None else rng
+    stop = StopConfig.make(eos_ids, stop_ids, max_stops, max_step_tokens)
+    fn = self._fn(max_new=max_new_tokens, stop=stop, sampling=sampling, cache_len=cache_len,
+                  image_grid_thw=grid, pad_id=pad_id)
+    return fn(self.leaves, prompt_ids, prompt_lens, rng, positions, rope_delta, pixel_values)
 
 
 def generate(model, prompt_ids, prompt_lens=None, *, max_new_tokens: int,
@@ -174,36 +249,11 @@ def generate(model, prompt_ids, prompt_lens=None, *, max_new_tokens: int,
     pixel_values / image_grid_thw: Qwen2.5-VL image inputs, processor layout.
 
   Returns:
-    A `DecodeOutput` (tokens, lengths, ...).
+    A `DecodeOutput` (tokens, lengths, ...). For repeated calls with one model, build a
+    `Generator` once instead: this function splits the model and retraces on every call.
   """
-  cfg = model.cfg
-  prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-  b, t = prompt_ids.shape
-  prompt_lens = (np.full((b,), t, np.int32) if prompt_lens is None
-                 else np.asarray(prompt_lens, np.int32))
-  if np.any(prompt_lens < 1) or np.any(prompt_lens > t):
-    raise ValueError(f"prompt_lens={prompt_lens.tolist()} must be in [1, {t}]")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-  # The loop feeds every generated token, so the longest row fills exactly t + max_new.
-  cache_len = t + max_new_tokens
-  if cache_len > cfg.max_position_embeddings:
-    raise ValueError(
-        f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds the model's position "
-        f"limit max_position_embeddings={cfg.max_position_embeddings}")
-  positions = rope_delta = None
-  grid = None
-  if pixel_values is not None:
-    from dream_r_jax.models import mrope  # pylint: disable=g-import-not-at-top
-    grid = tuple(tuple(int(x) for x in row) for row in np.asarray(image_grid_thw))
-    mask = (np.arange(t)[None] < prompt_lens[:, None]).astype(np.int32)
-    positions, rope_delta = mrope.get_rope_index(cfg, np.asarray(prompt_ids), np.asarray(grid),
-                                                 mask)
-    positions, rope_delta = jnp.asarray(positions), jnp.asarray(rope_delta)
-  graphdef, state = nnx.split(model)
-  rng = jax.random.key(0) if rng is None else rng
-  stop = StopConfig.make(eos_ids, stop_ids, max_stops, max_step_tokens)
-  return _generate(graphdef, state, prompt_ids, jnp.asarray(prompt_lens), rng, positions,
-                   rope_delta, pixel_values, cfg=cfg, max_new=max_new_tokens, stop=stop,
-                   sampling=sampling, cache_len=cache_len, image_grid_thw=grid,
-                   pad_id=pad_id)
+  return Generator(model, share_compilation=True)(prompt_ids, prompt_lens, max_new_tokens=max_new_tokens,
+                          eos_ids=eos_ids, stop_ids=stop_ids, max_stops=max_stops,
+                          max_step_tokens=max_step_tokens, sampling=sampling, rng=rng,
+                          pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                          pad_id=pad_id)

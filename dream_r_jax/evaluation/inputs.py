@@ -37,25 +37,34 @@ def encode_prompts(tokenizer, examples: Sequence[dict[str, Any]], *,
 
 
 def vision_inputs(prompts: Prompts):
-  """(pixel_values, image_grid_thw) for the rows' images in row order, or (None, None)."""
+  """(pixel_values, image_grid_thw) for the rows' images in row order, or (None, None).
+
+  Host arrays: the program that reads them copies them straight to its own devices.
+  """
   images = [img for img in prompts.images if img is not None]
   if not images:
     return None, None
   pixel_values, grid = image_processing.preprocess_images(images)
-  return jnp.asarray(pixel_values), np.asarray(grid)
+  return np.asarray(pixel_values), np.asarray(grid)
 
 
 def engine_images(prompts: Prompts):
   """The engine's `images` callable: cfg -> (pixel_values, grid, positions, rope_delta)."""
   if not prompts.has_images:
     return None
+  # Host arrays: each role's program copies them straight to its own mesh (a device array
+  # would first sit on the default device and then be copied again).
   pixel_values, grid = vision_inputs(prompts)
+  grid_t = tuple(tuple(int(x) for x in row) for row in grid)
+  positions = {}  # draft and target usually read image tokens alike: compute them once
 
   def for_model(cfg):
     from dream_r_jax.models import mrope  # pylint: disable=g-import-not-at-top
-    mask = (np.arange(prompts.ids.shape[1])[None] < prompts.lens[:, None]).astype(np.int32)
-    positions, deltas = mrope.get_rope_index(cfg, prompts.ids, grid, mask)
-    grid_t = tuple(tuple(int(x) for x in row) for row in grid)
-    return pixel_values, grid_t, jnp.asarray(positions), jnp.asarray(deltas)
+    key = (cfg.vision.spatial_merge_size, cfg.image_token_id, cfg.video_token_id)
+    if key not in positions:
+      mask = (np.arange(prompts.ids.shape[1])[None] < prompts.lens[:, None]).astype(np.int32)
+      positions[key] = tuple(np.asarray(x) for x in mrope.get_rope_index(
+          cfg, prompts.ids, grid, mask))
+    return (pixel_values, grid_t) + positions[key]
 
   return for_model

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from dream_r_jax.data import task as task_lib
-from dream_r_jax.decoding.generate import generate
+from dream_r_jax.decoding.generate import Generator
 from dream_r_jax.evaluation import inputs as inputs_lib
 from dream_r_jax.sharding import mesh as mesh_lib
 from dream_r_jax.speculative.engine import RoleModel, SpeculativeEngine
@@ -124,6 +124,7 @@ class Evaluator:
     self.draft = RoleModel(draft_model, self.meshes[mesh_lib.Role.DRAFT])
     self.target = RoleModel(target_model, self.meshes[mesh_lib.Role.TARGET])
     self._target_union = None
+    self._generators: dict = {}
     self._target_model_cfg = target_model.cfg
     self.rc = round_config(tokenizer, ec)
 
@@ -135,11 +136,12 @@ class Evaluator:
 
   # -- methods ------------------------------------------------------------------------------
   def _target_only(self, role: RoleModel, prompts):
-    model = nnx.merge(role.graphdef, role.state)
+    if id(role) not in self._generators:  # built once per placement: one dispatch per call
+      self._generators[id(role)] = Generator(split=(role.cfg, role.graphdef, role.state))
     pv, grid = inputs_lib.vision_inputs(prompts)
-    out = generate(model, prompts.ids, prompts.lens, max_new_tokens=self.ec.max_new_tokens,
-                   eos_ids=self.rc.eos_ids, pixel_values=pv, image_grid_thw=grid,
-                   pad_id=self.rc.pad_id)
+    out = self._generators[id(role)](
+        prompts.ids, prompts.lens, max_new_tokens=self.ec.max_new_tokens,
+        eos_ids=self.rc.eos_ids, pixel_values=pv, image_grid_thw=grid, pad_id=self.rc.pad_id)
     toks = np.asarray(jax.device_get(out.tokens))
     lens = np.asarray(jax.device_get(out.lengths))
     rows = [list(map(int, toks[i, :lens[i]])) for i in range(len(lens))]

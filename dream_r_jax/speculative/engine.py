@@ -51,6 +51,9 @@ class RoleModel:
     self.mesh = mesh
     sharding_rules.shard_model(model, mesh, rules)
     self.graphdef, self.state = nnx.split(model)
+    # Jitted programs take the state as a flat list: flattening an `nnx.State` on every call
+    # walks it in Python, which costs more than the device work of a small model's step.
+    self.leaves, self.treedef = jax.tree.flatten(self.state)
     self.devices = set(mesh.devices.flat)
 
   @property
@@ -126,11 +129,13 @@ class SpeculativeEngine:
 
   def _draft_prog(self, batch):
     return self._memo(("draft", batch), lambda: _program(
-        "draft", self.draft.graphdef, self.draft.mesh, self.rc, batch, False))
+        "draft", self.draft.graphdef, self.draft.treedef, self.draft.mesh, self.rc, batch,
+        False))
 
   def _target_prog(self, batch):
     return self._memo(("target", batch), lambda: _program(
-        "target", self.target.graphdef, self.target.mesh, self.rc, batch, self._mrope_t))
+        "target", self.target.graphdef, self.target.treedef, self.target.mesh, self.rc, batch,
+        self._mrope_t))
 
   # ---------------------------------------------------------------------------------------
   def _prefill(self, role: RoleModel, ids, lens, cache_len, images):
@@ -141,8 +146,8 @@ class SpeculativeEngine:
     if images is not None and role.cfg.vision is not None:
       pixel_values, grid, positions, rope_delta = images(role.cfg)
     fn = self._memo(("prefill", id(role), grid, cache_len, b), lambda: _prefill_jit(
-        role.graphdef, role.cfg, grid, cache_len, role.rows_sharding(b)))
-    return fn(role.state, ids, lens, positions, rope_delta, pixel_values)
+        role.graphdef, role.treedef, role.cfg, grid, cache_len, role.rows_sharding(b)))
+    return fn(role.leaves, ids, lens, positions, rope_delta, pixel_values)
 
   def _run(self, role: str, fn, timeline, phase, t0):
     start = time.perf_counter() - t0
@@ -212,7 +217,7 @@ class SpeculativeEngine:
     idle = np.zeros((batch,), bool)
     for width in self.rc.chain_widths():
       packed = np.zeros((batch, width + self.rc.num_steps), np.int32)
-      jax.block_until_ready(target_prog(self.target.state, cache, last,
+      jax.block_until_ready(target_prog(self.target.leaves, cache, last,
                                         self.target.put_rows(packed, batch), idle, budget,
                                         rng))
     self._compiled.add(key)
@@ -266,7 +271,7 @@ class SpeculativeEngine:
     empty_fb = to_draft(np.zeros((b, rc.max_step_tokens + 1), np.int32))
 
     def draft_call(base, prev, fb, new_len, sync, keep, active, bud, r):
-      return lambda: draft_prog(self.draft.state, base["cache"], base["last_logits"], prev, fb,
+      return lambda: draft_prog(self.draft.leaves, base["cache"], base["last_logits"], prev, fb,
                                 new_len, sync, keep, active, bud, rng_d, np.int32(r))
 
     def first_chain(prefilled):
@@ -295,7 +300,7 @@ class SpeculativeEngine:
       # The target verifies only the width the longest chain of the batch needs.
       width = rc.chain_width(int(chain_lens[active].max()))
       packed_t = to_target(np.concatenate([chain_h[:, :width], step_lens_h], axis=1))
-      target_fn = lambda: target_prog(self.target.state, cache_t, last_t, packed_t, active,
+      target_fn = lambda: target_prog(self.target.leaves, cache_t, last_t, packed_t, active,
                                       budget, rng_t)
       if fpsr:
         # Speculate: chain r is accepted whole, so chain r+1 starts where it ends.
@@ -353,7 +358,7 @@ class SpeculativeEngine:
 
 
 @functools.lru_cache(maxsize=None)
-def _program(kind: str, graphdef, mesh, rc: RoundConfig, batch: int, mrope: bool):
+def _program(kind: str, graphdef, treedef, mesh, rc: RoundConfig, batch: int, mrope: bool):
   """A jitted round program, split over the mesh's data axis with shard_map when it can."""
   if kind == "draft":
     n_rows = 9
@@ -362,8 +367,8 @@ def _program(kind: str, graphdef, mesh, rc: RoundConfig, batch: int, mrope: bool
     n_rows = 5
     fn = lambda g, s, *a: programs.target_round(g, s, *a, rc=rc, mrope=mrope)
 
-  def wrapped(state, *args):
-    return fn(graphdef, state, *args)
+  def wrapped(leaves, *args):
+    return fn(graphdef, jax.tree.unflatten(treedef, leaves), *args)
 
   data_size = int(mesh.shape.get("data", 1))
   if data_size == 1 or batch % data_size:
@@ -385,12 +390,12 @@ def _program(kind: str, graphdef, mesh, rc: RoundConfig, batch: int, mrope: bool
 
 
 @functools.lru_cache(maxsize=None)
-def _prefill_jit(graphdef, cfg, grid, cache_len: int, rows: NamedSharding):
+def _prefill_jit(graphdef, treedef, cfg, grid, cache_len: int, rows: NamedSharding):
   """Jitted prefill that also allocates the cache, on `rows`' mesh (rows split over data)."""
 
-  def fn(state, ids, lens, positions, rope_delta, pixel_values):
+  def fn(leaves, ids, lens, positions, rope_delta, pixel_values):
     cache = KVCache.init(cfg, ids.shape[0], cache_len)
-    return gen.prefill(graphdef, state, cache, ids, lens, positions, rope_delta, pixel_values,
+    return gen.prefill(graphdef, jax.tree.unflatten(treedef, leaves), cache, ids, lens, positions, rope_delta, pixel_values,
                        None if grid is None else np.asarray(grid))
 
   return jax.jit(fn, out_shardings=rows)

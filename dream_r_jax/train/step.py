@@ -87,7 +87,7 @@ def batch_shardings(batch_shape: dict[str, Any], mesh: Mesh) -> dict[str, NamedS
 def apply_if_finite(tx: optax.GradientTransformation, state: TrainState, grads, loss):
   """One optimizer update, skipped (state kept, step not advanced) if loss or grads are
   not finite. Returns (new_state, grad_norm, finite)."""
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
