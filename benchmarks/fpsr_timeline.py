@@ -1,16 +1,25 @@
-r"""Where FPSR's time goes: the engine's own phase timings, next to target-only latency.
+r"""Where FPSR's time goes: the engine's phase timings, next to target-only latency.
 
     .venv/bin/python benchmarks/fpsr_timeline.py --workdir=runs/quickstart
 
 Loads the target (`<workdir>/target_sft/export`) and the draft (`sapo/export`, else
-`draft_sft/export`), runs `target` and `fpsr` at batch 1 on `--examples` test-style examples
-of the default task (one host device each for draft and target), and prints, per phase of
-the engine's timeline (prefill, draft, speculative draft, verify+fallback, sync+draft, by
-role), how often it runs per example and its median duration, together with the median
-latency of both methods and the time not covered by any phase (host bookkeeping between
-programs). Prints figures; asserts nothing.
+`draft_sft/export`) and runs, at batch 1 on `--examples` test-style examples of the default
+task (one host device each for draft and target):
+
+1. `target` and `fpsr` as the eval stage runs them (the default "async" overlap): median
+   latencies and the median per-example speedup;
+2. `fpsr` again with `overlap="none"`, where every program is awaited before the next one
+   starts, so each phase's duration is that program's own cost: per phase (prefill, draft,
+   speculative draft, verify+fallback, sync+draft, by role), how often it runs per example
+   and its median duration, and the host time between programs.
+
+From these it prints the target's decode cost per token (target-only latency less the
+target's prefill, over its tokens), the verify pass in target decode steps, and the floor of
+a one-round answer with perfect overlap: max(target prefill, draft prefill + first chain) +
+verify. Prints figures; asserts nothing.
 """
 import collections
+import dataclasses
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
@@ -51,25 +60,46 @@ def main(_):
                          max_step_tokens=16, max_new_tokens=64)
   examples = [task_lib.example_at(task_lib.get_config("default"), 99, i)
               for i in range(EXAMPLES.value)]
-  res = runner.Evaluator(draft, target, tok, ec).run(examples)
-  fpsr = res["fpsr"]
+  ev = runner.Evaluator(draft, target, tok, ec)
+  res = ev.run(examples)
+  ev.ec = dataclasses.replace(ec, overlap="none")
+  alone = ev.run(examples, methods=["fpsr"])["fpsr"]
+
+  n = len(examples)
+  t_lat, f_lat = np.asarray(res["target"].latency_s), np.asarray(res["fpsr"].latency_s)
+  rounds = [s["rounds"] for s in res["fpsr"].stats]
+  print(f"draft {draft_dir}; {n} examples; verifier {ec.verifier}")
+  print(f"target-only median latency {np.median(t_lat) * 1e3:.2f} ms; fpsr "
+        f"{np.median(f_lat) * 1e3:.2f} ms; median speedup {np.median(t_lat / f_lat):.2f}x; "
+        f"rounds per example {np.mean(rounds):.2f} (one round: "
+        f"{np.mean(np.asarray(rounds) == 1):.0%})")
+
   durations, counts = collections.defaultdict(list), collections.Counter()
   uncovered = []
-  for timeline, latency in zip(fpsr.timelines, fpsr.latency_s):
+  for timeline, latency in zip(alone.timelines, alone.latency_s):
     for phase, role, start, end in timeline:
       durations[(phase, role)].append(end - start)
       counts[(phase, role)] += 1
     uncovered.append(latency - _covered([(s, e) for _, _, s, e in timeline]))
-  n = len(examples)
-  print(f"draft {draft_dir}; {n} examples; verifier {ec.verifier}")
-  print(f"target-only median latency {np.median(res['target'].latency_s) * 1e3:.2f} ms; "
-        f"fpsr {np.median(fpsr.latency_s) * 1e3:.2f} ms; rounds per example "
-        f"{np.mean([s['rounds'] for s in fpsr.stats]):.2f}")
+  med = {k: float(np.median(v)) * 1e3 for k, v in durations.items()}
+  print(f"\nfpsr with overlap='none' (each program alone): median "
+        f"{np.median(alone.latency_s) * 1e3:.2f} ms")
   print("| phase | role | per example | median ms |\n|---|---|---|---|")
-  for key, values in durations.items():
-    print(f"| {key[0]} | {key[1]} | {counts[key] / n:.2f} | {np.median(values) * 1e3:.2f} |")
+  for key, value in med.items():
+    print(f"| {key[0]} | {key[1]} | {counts[key] / n:.2f} | {value:.2f} |")
   print(f"time in no phase (host work between programs), median per example: "
         f"{np.median(uncovered) * 1e3:.2f} ms")
+
+  tokens = np.mean([len(t) for t in res["target"].tokens])
+  prefill_t = med[("prefill", "target")]
+  per_token = (np.median(t_lat) * 1e3 - prefill_t) / tokens
+  verify = med[("verify+fallback", "target")]
+  floor = max(prefill_t, med[("prefill", "draft")] + med[("draft", "draft")]) + verify
+  print(f"\ntarget decode: {per_token:.3f} ms per token ({tokens:.1f} tokens per answer, "
+        f"prefill {prefill_t:.2f} ms); one verify+fallback pass = {verify / per_token:.1f} "
+        f"target decode steps")
+  print(f"floor of a one-round fpsr answer (perfect overlap, no host time): {floor:.2f} ms "
+        f"= {np.median(t_lat) * 1e3 / floor:.2f}x target-only")
 
 
 if __name__ == "__main__":

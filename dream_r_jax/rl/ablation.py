@@ -112,7 +112,7 @@ def run_ablation(*, workdir: str, cfg: TrainConfig, scfg: SapoConfig, ec: EvalCo
                                   tokenizer=tokenizer,
                                   models={"target": target_dir, "draft": sft_dir})
     summary = stage_lib.run_sapo(ctx, variant,
-                                 trajectories_dir=os.path.join(workdir, "draft_sft"))
+                                 trajectories_dir=os.path.join(workdir, "sapo"))
     if not rows:  # The SFT draft's row, with its held-out numbers from the first run.
       sft_summary = summary
       rows.append(_row("sft", None, evaluate("sft", sft_dir), sft_summary, prefix="sft_"))

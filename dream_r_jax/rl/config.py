@@ -10,7 +10,7 @@ from dream_r_jax.rl.rollout import RolloutConfig
 from dream_r_jax.train.config import ConfigError, OptimConfig
 
 DEFAULT_REWARDS = "acceptance=1,faithfulness=0.5,concision=0.25,format=1"
-STATE_SOURCES = ("target", "reference")
+STATE_SOURCES = ("target", "distill", "reference")
 FORMAT_CHECKS = ("task", "none")
 
 

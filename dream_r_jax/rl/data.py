@@ -1,10 +1,14 @@
 """Where a SAPO run's states come from: the target's trajectories, or reference solutions.
 
-`draft_sft` stores the target's greedy trajectories on training prompts in
-`<workdir>/draft_sft/trajectories.npz`; SAPO reuses them when they were made by the same
-target. Otherwise the target answers `trajectory_examples` training prompts here (cached in
-`<workdir>/sapo/trajectories.npz`). With `states_from="reference"` the task's reference
-solutions replace the target's (for tests, or a target that cannot yet solve the task).
+  * `target` (default): the target answers `trajectory_examples` training prompts that come
+    after the `distill_examples` prompts `draft_sft` was distilled on. The draft has never
+    seen them, so its steps there are judged as they will be at test time (on its own
+    training prompts the SFT draft reproduces the target almost exactly, which leaves RL
+    nothing to learn). Cached in `<workdir>/sapo/trajectories.npz`.
+  * `distill`: reuses `draft_sft`'s stored trajectories (`<workdir>/draft_sft/
+    trajectories.npz`): no generation, but the draft was trained on exactly these.
+  * `reference`: the task's reference solutions replace the target's (for tests, or a
+    target that cannot yet solve the task).
 """
 from __future__ import annotations
 
@@ -37,23 +41,38 @@ def _stored_rows(path: str, target_dir: str) -> Optional[dict[str, np.ndarray]]:
   return rows if same and needed <= set(rows) else None
 
 
-def _generate_rows(ctx, scfg: SapoConfig, target, source) -> dict[str, np.ndarray]:
+def _fresh_prompts(ctx, scfg: SapoConfig, source) -> tuple[int, int]:
+  """(first, count): the training prompts after the ones draft_sft was distilled on."""
+  n = min(scfg.trajectory_examples, len(source))
+  first = min(ctx.cfg.distill_examples, len(source) - n)
+  if first < ctx.cfg.distill_examples:
+    logging.warning("[sapo] the train split has %d prompts: %d of the %d state prompts are "
+                    "among the %d draft_sft was distilled on", len(source),
+                    ctx.cfg.distill_examples - first, n, ctx.cfg.distill_examples)
+  return first, n
+
+
+def _generate_rows(ctx, scfg: SapoConfig, target, source,
+                   trajectories_dir: Optional[str] = None) -> dict[str, np.ndarray]:
   cfg = ctx.cfg
-  path = os.path.join(ctx.stage_dir("sapo"), "trajectories.npz")
+  first, n = _fresh_prompts(ctx, scfg, source)
   meta = {"target": os.path.abspath(ctx.model_dir("target")),
           "target_mtime": os.path.getmtime(os.path.join(ctx.model_dir("target"),
                                                         "config.json")),
-          "examples": scfg.trajectory_examples, "max_len": cfg.max_len,
+          "first_example": first, "examples": n, "max_len": cfg.max_len,
           "max_new_tokens": cfg.max_new_tokens, "task": cfg.task_config}
-  rows = distill.load_rows(path, meta)
-  if rows is not None:
-    return rows
-  n = min(scfg.trajectory_examples, len(source))
-  examples = [source[i] for i in range(n)]
-  logging.info("[sapo] the target answers %d training prompts for states", n)
+  path = os.path.join(ctx.stage_dir("sapo"), "trajectories.npz")
+  for where in ([trajectories_dir] if trajectories_dir else []) + [ctx.stage_dir("sapo")]:
+    rows = distill.load_rows(os.path.join(where, "trajectories.npz"), meta)
+    if rows is not None:
+      return rows
+  examples = [source[i] for i in range(first, first + n)]
+  logging.info("[sapo] the target answers training prompts %d..%d for states", first,
+               first + n - 1)
   rows, _ = distill.target_rows(target, ctx.tokenizer, examples,
                                 batch_size=cfg.eval_batch_size,
                                 max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len)
+  rows["record"] = rows["record"] + first  # records index the train split
   if ctx.is_primary:
     os.makedirs(ctx.stage_dir("sapo"), exist_ok=True)
     distill.save_rows(path, rows, meta)
@@ -70,7 +89,8 @@ def load_states(ctx, scfg: SapoConfig, target,
     ctx: the stage context.
     scfg: the run's settings (`states_from`, `trajectory_examples`, `max_step_tokens`).
     target: the loaded target (to generate trajectories when none are stored).
-    trajectories_dir: where to look for `trajectories.npz` (default: `draft_sft`'s dir).
+    trajectories_dir: another SAPO run's directory whose cached `trajectories.npz` to reuse
+      when it was made the same way (the ablation shares the main run's).
   """
   tok = ctx.tokenizer
   source = sft.task_source(ctx, "train")
@@ -82,14 +102,21 @@ def load_states(ctx, scfg: SapoConfig, target,
     prompts, outputs, records = states_lib.reference_trajectories(
         tok, [source[i] for i in range(n)])
     origin = f"reference solutions of {n} training examples"
-  else:
-    path = os.path.join(trajectories_dir or ctx.stage_dir("draft_sft"), "trajectories.npz")
+  elif scfg.states_from == "distill":
+    path = os.path.join(ctx.stage_dir("draft_sft"), "trajectories.npz")
     rows = _stored_rows(path, ctx.model_dir("target"))
-    origin = f"target trajectories from {path}"
     if rows is None:
-      rows = _generate_rows(ctx, scfg, target, source)
-      origin = "target trajectories generated by the sapo stage"
+      raise ValueError(f"--sapo_states_from=distill needs draft_sft's trajectories of this "
+                       f"target in {path}; run draft_sft first or use "
+                       "--sapo_states_from=target")
     prompts, outputs, records = states_lib.trajectories_from_rows(rows)
+    origin = f"target trajectories from {path} (the draft's distillation prompts)"
+  else:
+    rows = _generate_rows(ctx, scfg, target, source, trajectories_dir)
+    prompts, outputs, records = states_lib.trajectories_from_rows(rows)
+    first = int(rows["record"].min()) if len(rows["record"]) else 0
+    origin = (f"target trajectories on {len(prompts)} training prompts from {first} on, "
+              "none of them distilled into the draft")
   states = states_lib.cut_states(prompts, outputs, records,
                                  delimiter_ids=states_lib.delimiter_ids(tok),
                                  eos_ids=(tok.eos_token_id,),

@@ -58,8 +58,10 @@ LIKELIHOOD_THRESHOLD = flags.DEFINE_float(
     "likelihood judge: accept a candidate whose mean target log-prob is at least this.")
 STATES_FROM = flags.DEFINE_enum(
     "sapo_states_from", _D.states_from, list(STATE_SOURCES),
-    "target: states cut from the target's greedy trajectories (draft_sft's, else made "
-    "here); reference: from the task's reference solutions.")
+    "target: states cut from the target's greedy trajectories on training prompts the "
+    "draft was not distilled on (after the first --distill_examples); distill: from "
+    "draft_sft's stored trajectories (the draft's own training prompts); reference: from "
+    "the task's reference solutions.")
 TRAJECTORY_EXAMPLES = flags.DEFINE_integer(
     "sapo_trajectory_examples", _D.trajectory_examples,
     "Training prompts to take states from when no stored trajectories fit.")

@@ -23,7 +23,7 @@ from dream_r_jax.train.stages import export_dir
 
 SPLITS = {"train": 24, "validation": 8, "test": 8}
 SAPO_ARGS = ["--sapo_states_per_iteration=8", "--sapo_group_size=2",
-             "--sapo_max_step_tokens=16", "--sapo_heldout_states=4", "--sapo_eval_every=2",
+             "--sapo_states_from=distill", "--sapo_max_step_tokens=16", "--sapo_heldout_states=4", "--sapo_eval_every=2",
              "--sapo_lr=1e-3", "--sapo_warmup_steps=0"]
 
 
