@@ -250,10 +250,11 @@ def generate(model, prompt_ids, prompt_lens=None, *, max_new_tokens: int,
 
   Returns:
     A `DecodeOutput` (tokens, lengths, ...). For repeated calls with one model, build a
-    `Generator` once instead: this function splits the model and retraces on every call.
+    `Generator` once instead: this function splits the model and hashes its structure on
+    every call.
   """
-  return Generator(model, share_compilation=True)(prompt_ids, prompt_lens, max_new_tokens=max_new_tokens,
-                          eos_ids=eos_ids, stop_ids=stop_ids, max_stops=max_stops,
-                          max_step_tokens=max_step_tokens, sampling=sampling, rng=rng,
-                          pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                          pad_id=pad_id)
+  gen = Generator(model, share_compilation=True)
+  return gen(prompt_ids, prompt_lens, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+             stop_ids=stop_ids, max_stops=max_stops, max_step_tokens=max_step_tokens,
+             sampling=sampling, rng=rng, pixel_values=pixel_values,
+             image_grid_thw=image_grid_thw, pad_id=pad_id)

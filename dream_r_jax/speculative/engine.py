@@ -27,7 +27,6 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -395,7 +394,8 @@ def _prefill_jit(graphdef, treedef, cfg, grid, cache_len: int, rows: NamedShardi
 
   def fn(leaves, ids, lens, positions, rope_delta, pixel_values):
     cache = KVCache.init(cfg, ids.shape[0], cache_len)
-    return gen.prefill(graphdef, jax.tree.unflatten(treedef, leaves), cache, ids, lens, positions, rope_delta, pixel_values,
+    state = jax.tree.unflatten(treedef, leaves)
+    return gen.prefill(graphdef, state, cache, ids, lens, positions, rope_delta, pixel_values,
                        None if grid is None else np.asarray(grid))
 
   return jax.jit(fn, out_shardings=rows)

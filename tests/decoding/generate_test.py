@@ -180,3 +180,20 @@ def test_bad_generate_arguments_raise_before_compute(setup):
     gen.generate(model, ids, [0, 9, 3], max_new_tokens=4)
   with pytest.raises(ValueError, match="max_new_tokens=0"):
     gen.generate(model, ids, PROMPT_LENS, max_new_tokens=0)
+
+
+def test_generator_reuses_one_split_and_equals_generate(setup):
+  model, ids, tokens = setup
+  g = gen.Generator(model)
+  for _ in range(2):  # the second call reuses the compiled program
+    out = g(ids, PROMPT_LENS, max_new_tokens=MAX_NEW)
+    np.testing.assert_array_equal(np.asarray(out.tokens), tokens)
+  assert len(g._fns) == 1  # pylint: disable=protected-access
+  graphdef, state = nnx.split(model)
+  from_split = gen.Generator(split=(model.cfg, graphdef, state))
+  np.testing.assert_array_equal(
+      np.asarray(from_split(ids, PROMPT_LENS, max_new_tokens=MAX_NEW).tokens), tokens)
+  with pytest.raises(ValueError, match="exactly one of model= or split="):
+    gen.Generator()
+  with pytest.raises(ValueError, match="max_new_tokens=0"):
+    g(ids, PROMPT_LENS, max_new_tokens=0)
