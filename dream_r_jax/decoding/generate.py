@@ -182,7 +182,18 @@ class Generator:
     self.graphdef = graphdef
     self.leaves, self.treedef = jax.tree.flatten(state)
     self._share = share_compilation
+    self._key = None
     self._fns: dict = {}
+
+  def _default_key(self):
+    """Key 0, made once and placed beside the model (making a key is a dispatch of its own)."""
+    if self._key is None:
+      key = jax.random.key(0)
+      where = self.leaves[0].sharding if self.leaves else None
+      if isinstance(where, jax.sharding.NamedSharding):
+        where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+      self._key = key if where is None else jax.device_put(key, where)
+    return self._key
 
   def _fn(self, **static):
     if self._share:
@@ -222,9 +233,9 @@ class Generator:
       from dream_r_jax.models import mrope  # pylint: disable=g-import-not-at-top
       grid = tuple(tuple(int(x) for x in row) for row in np.asarray(image_grid_thw))
       mask = (np.arange(t)[None] < prompt_lens[:, None]).astype(np.int32)
-      positions, rope_delta = (np.asarray(x) for x in mrope.get_rope_index(
-          cfg, np.asarray(prompt_ids), np.asarray(grid), mask))
-    rng = jax.random.key(0) if rng is None else rng
+      positions, rope_delta = mrope.get_rope_index(cfg, np.asarray(prompt_ids),
+                                                   np.asarray(grid), mask, host=True)
+    rng = self._default_key() if rng is None else rng
     stop = StopConfig.make(eos_ids, stop_ids, max_stops, max_step_tokens)
     fn = self._fn(max_new=max_new_tokens, stop=stop, sampling=sampling, cache_len=cache_len,
                   image_grid_thw=grid, pad_id=pad_id)

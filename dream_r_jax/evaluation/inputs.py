@@ -63,8 +63,7 @@ def engine_images(prompts: Prompts):
     key = (cfg.vision.spatial_merge_size, cfg.image_token_id, cfg.video_token_id)
     if key not in positions:
       mask = (np.arange(prompts.ids.shape[1])[None] < prompts.lens[:, None]).astype(np.int32)
-      positions[key] = tuple(np.asarray(x) for x in mrope.get_rope_index(
-          cfg, prompts.ids, grid, mask))
+      positions[key] = mrope.get_rope_index(cfg, prompts.ids, grid, mask, host=True)
     return (pixel_values, grid_t) + positions[key]
 
   return for_model

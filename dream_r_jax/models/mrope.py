@@ -46,8 +46,13 @@ def _image_positions(grid, start: int, merge: int) -> np.ndarray:
 def get_rope_index(cfg: ModelConfig,
                    input_ids,  # [B, T] int
                    image_grid_thw=None,  # [num_images, 3] int, images in row-major order
-                   attention_mask=None):  # [B, T], 1 = real token
+                   attention_mask=None,  # [B, T], 1 = real token
+                   *, host: bool = False):
   """Qwen2.5-VL position ids [3, B, T] int32 and rope deltas [B] int32.
+
+  With `host=True` (images only) the results are NumPy arrays, for callers that pass them
+  to a program on devices of their choosing (a device array would first land on the
+  default device).
 
   Equals `Qwen2_5_VLModel.get_rope_index` (transformers 5.x) for images: the images are
   consumed from `image_grid_thw` in order over the batch; padded positions are 0. A run of
@@ -106,4 +111,6 @@ def get_rope_index(cfg: ModelConfig,
   if next_image != len(grids):
     raise ValueError(f"image_grid_thw has {len(grids)} images but input_ids hold image "
                      f"tokens for {next_image}")
+  if host:
+    return positions.astype(np.int32), deltas.astype(np.int32)
   return jnp.asarray(positions, jnp.int32), jnp.asarray(deltas, jnp.int32)

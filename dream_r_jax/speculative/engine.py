@@ -252,10 +252,13 @@ class SpeculativeEngine:
             f"prompt length {t} + max_new_tokens {max_new_tokens} + chain room needs "
             f"{cache_len} positions, more than the {name}'s max_position_embeddings="
             f"{cfg.max_position_embeddings}")
-    rng = jax.random.key(0) if rng is None else rng
     fpsr = schedule == "fpsr"
     draft_prog, target_prog = self._draft_prog(b), self._target_prog(b)
-    rng_d, rng_t = self.draft.replicated(rng), self.target.replicated(rng)
+    if rng is None:  # the default key, placed on both meshes once per engine
+      rng_d, rng_t = self._memo("rng", lambda: (self.draft.replicated(jax.random.key(0)),
+                                                self.target.replicated(jax.random.key(0))))
+    else:
+      rng_d, rng_t = self.draft.replicated(rng), self.target.replicated(rng)
     to_target = lambda x: jax.device_put(x, self.target.rows_sharding(b))
     to_draft = lambda x: jax.device_put(x, self.draft.rows_sharding(b))
 
@@ -267,7 +270,8 @@ class SpeculativeEngine:
     no_rows = np.zeros((b,), bool)
     zeros_i = np.zeros((b,), np.int32)
     empty_chain = np.zeros((b, rc.chain_len + rc.num_steps), np.int32)
-    empty_fb = to_draft(np.zeros((b, rc.max_step_tokens + 1), np.int32))
+    empty_fb = self._memo(("empty_fb", b), lambda: to_draft(
+        np.zeros((b, rc.max_step_tokens + 1), np.int32)))
 
     def draft_call(base, prev, fb, new_len, sync, keep, active, bud, r):
       return lambda: draft_prog(self.draft.leaves, base["cache"], base["last_logits"], prev, fb,
