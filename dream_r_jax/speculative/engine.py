@@ -305,13 +305,19 @@ class SpeculativeEngine:
       packed_t = to_target(np.concatenate([chain_h[:, :width], step_lens_h], axis=1))
       target_fn = lambda: target_prog(self.target.leaves, cache_t, last_t, packed_t, active,
                                       budget, rng_t)
+      # FPSR speculates that chain r is accepted whole, so chain r+1 starts where it ends;
+      # not for rows whose answer the draft expects to end there (EOS in the chain or next).
+      spec_rows = no_rows
       if fpsr:
-        # Speculate: chain r is accepted whole, so chain r+1 starts where it ends.
-        spec_fn = draft_call(d, d["packed"], empty_fb, zeros_i, no_rows, no_rows, active,
+        ends = np.asarray(d["eos_next"]) | np.asarray(
+            [np.isin(chain_h[i, :chain_lens[i]], rc.eos_ids).any() for i in range(b)])
+        spec_rows = active & ~ends
+      if spec_rows.any():
+        spec_fn = draft_call(d, d["packed"], empty_fb, zeros_i, no_rows, no_rows, spec_rows,
                              budget - chain_lens, r + 1)
         tr, spec = self._both(target_fn, spec_fn, timeline, t0, "draft (speculative)")
       else:
-        tr, spec = self._run("target", target_fn, timeline, "verify+fallback", t0), None
+        tr, spec = self._run("target", target_fn, timeline, "verify+fallback", t0), d
       h = jax.device_get(tr["decision"])
       cache_t, last_t = tr["cache"], tr["last_logits"]
       acc_tokens, fb_lens = h["acc_tokens"], h["fb_lens"]
@@ -321,16 +327,18 @@ class SpeculativeEngine:
       new_budget = budget - np.where(active, acc_tokens + fb_lens, 0).astype(np.int32)
       new_done = done | (active & ((new_budget <= 0) | finished))
       synced = active & h["need_fb"] & ~new_done
+      # Rows that go on without a usable speculative chain draft afresh (after their sync).
+      fresh = ~new_done & (synced | (active & ~spec_rows)) if fpsr else ~new_done
       new_len = (committed + acc_tokens).astype(np.int32)
       r += 1
       # Start the next chain before the bookkeeping below, so the host work overlaps it.
       if not new_done.all() and r < max_rounds:
-        if fpsr and not synced.any():
+        if fpsr and not fresh.any():
           d = spec
         else:
           base = spec if fpsr else d
-          keep = (~synced) if fpsr else no_rows
-          todo = synced if fpsr else ~new_done
+          keep = (~fresh) if fpsr else no_rows
+          todo = fresh
           sync_fn = draft_call(base, base["packed"], to_draft(tr["fb_packed"]), new_len,
                                synced, keep, todo, new_budget, r)
           if self.overlap == "async":  # awaited at the top of the next round

@@ -88,14 +88,21 @@ class RoundConfig:
 
 def draft_chain(graphdef, state, cache: KVCache, last_logits, rng, active, budget, *,
                 rc: RoundConfig):
-  """Drafts up to K steps per active row. Returns a dict (chain, step_lens, ...)."""
+  """Drafts up to K steps per active row.
+
+  Returns a dict: `packed` [B, C + K] (chain and step lengths), the draft's `cache` and
+  `last_logits`, and `eos_next` [B] (the draft's greedy next token is EOS; for a row that
+  did not draft, this still reads its unchanged last logits).
+  """
   with jax.named_scope("draft"):
     out = decode_loop(graphdef, state, cache, last_logits, rng, active,
                       max_new=rc.chain_len, stop=rc.step_stop(rc.num_steps),
                       sampling=rc.draft_sampling, budget=budget, pad_id=rc.pad_id)
   # Chain and step lengths travel to the target mesh as one packed array [B, C + K].
   packed = jnp.concatenate([out.tokens, out.step_lens], axis=1)
-  return dict(packed=packed, cache=out.cache, last_logits=out.last_logits)
+  # Whether the draft's own next token would be EOS: FPSR does not speculate past it.
+  eos_next = token_in(jnp.argmax(out.last_logits, axis=-1), rc.eos_ids)
+  return dict(packed=packed, cache=out.cache, last_logits=out.last_logits, eos_next=eos_next)
 
 
 def unpack_chain(packed, rc: RoundConfig):

@@ -151,6 +151,24 @@ def test_eos_after_an_accepted_chain_ends_the_answer_in_the_same_round():
   assert s.target_forward_passes == 2  # prefill and one verify pass; no decode step
 
 
+def test_no_speculation_past_an_end_the_draft_expects():
+  """A row whose draft expects EOS after chain r drafts afresh if the target goes on."""
+  draft = lambda: Transformer(DRAFT_CFG, rngs=nnx.Rngs(7))
+  greedy = generate(draft(), IDS, LENS, max_new_tokens=N)
+  row0 = list(map(int, np.asarray(greedy.tokens[0])))
+  eos = row0[4]  # the draft's token right after its first 4-token step (K=1, L=4)
+  assert eos not in row0[:4] and DELIM not in row0[:4]
+  accept_all = VerifierConfig(name="likelihood", threshold=-1e9)
+  runs = {schedule: _engine(draft(), accept_all, k=1, l=4, eos=eos).run(
+      IDS, LENS, max_new_tokens=N, schedule=schedule) for schedule in ("fpsr", "sequential")}
+  assert runs["fpsr"].tokens == runs["sequential"].tokens
+  # Row 0: its first chain is accepted, the target does not end the answer there, so the
+  # draft (which did not speculate) drafts the EOS in a second round.
+  assert runs["fpsr"].tokens[0] == row0[:5]
+  s = runs["fpsr"].stats[0]
+  assert (s.rounds, s.draft_tokens, s.target_tokens) == (2, 5, 0)
+
+
 def test_rows_progress_independently(reference):
   """Rows accept different numbers of steps; each row still equals its greedy output."""
   out = _engine(_target(), VerifierConfig(name="exact"), sampling=SAMPLING, k=4, l=3).run(
