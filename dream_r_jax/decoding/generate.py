@@ -189,7 +189,7 @@ class Generator:
     """Key 0, made once and placed beside the model (making a key is a dispatch of its own)."""
     if self._key is None:
       key = jax.random.key(0)
-      where = self.leaves[0].sharding if self.leaves else None
+      where = getattr(self.leaves[0], "sharding", None) if self.leaves else None
       if isinstance(where, jax.sharding.NamedSharding):
         where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
       self._key = key if where is None else jax.device_put(key, where)
