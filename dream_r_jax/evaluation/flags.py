@@ -38,8 +38,9 @@ SPEC_OVERLAP = flags.DEFINE_enum("spec_overlap", "async", ["async", "threads", "
                                  "How the engine overlaps draft and target programs: "
                                  "async dispatch, one host thread per mesh, or none.")
 SPEC_CHAIN_BUCKET = flags.DEFINE_integer(
-    "spec_chain_bucket", 16, "The target verifies a drafted chain padded only to the next "
-    "multiple of this many tokens (one compiled verify pass per width); 0 = always K * L.")
+    "spec_chain_bucket", -1, "The target verifies a drafted chain padded only to the next "
+    "multiple of this many tokens (one compiled verify pass per width): -1 = "
+    "--spec_max_step_tokens (K widths), 0 = always the full K * max_step_tokens.")
 SPEC_DRAFT_DEVICES = flags.DEFINE_integer("spec_draft_devices", 1, "Devices of the draft mesh.")
 SPEC_TARGET_DEVICES = flags.DEFINE_integer("spec_target_devices", 1,
                                            "Devices of the target mesh.")

@@ -43,7 +43,7 @@ class EvalConfig:
   likelihood_threshold: float = -1.0  # `likelihood`: minimum mean target log-prob
   gamma: int = 4                     # token_sd draft length
   overlap: str = "async"
-  chain_bucket: int = 16             # verify-pass width granularity (0 = always K * L)
+  chain_bucket: int = -1             # verify width granularity: -1 = L (K widths), 0 = K * L
   num_draft_devices: int = 1
   num_target_devices: int = 1
   warmup_examples: int = 1
@@ -56,6 +56,9 @@ class EvalConfig:
       raise ValueError(f"tau={self.tau} must be in (0.5, 1)")
     if self.num_steps < 1:
       raise ValueError(f"num_steps (K) = {self.num_steps} must be >= 1")
+    if self.chain_bucket < -1:
+      raise ValueError(f"chain_bucket={self.chain_bucket}: expected -1 (one width per step), "
+                       "0 (always the full chain) or a positive number of tokens")
 
 
 @dataclasses.dataclass
@@ -99,7 +102,8 @@ def round_config(tokenizer, ec: EvalConfig, *, verifier: Optional[str] = None,
   return RoundConfig(num_steps=ec.num_steps, max_step_tokens=ec.max_step_tokens,
                      delimiter_ids=tuple(delim), eos_ids=(tokenizer.eos_token_id,),
                      template_ids=template, verifier=VerifierConfig(**kw),
-                     pad_id=tokenizer.pad_token_id or 0, chain_bucket=ec.chain_bucket)
+                     pad_id=tokenizer.pad_token_id or 0,
+                     chain_bucket=ec.max_step_tokens if ec.chain_bucket < 0 else ec.chain_bucket)
 
 
 def check_same_tokenizer(draft_tok, target_tok) -> None:

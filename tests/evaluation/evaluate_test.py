@@ -57,6 +57,11 @@ def test_bad_inputs(setup):
     runner.EvalConfig(tau=1.0)
   with pytest.raises(ValueError, match="unknown methods"):
     runner.EvalConfig(methods=("target", "medusa"))
+  with pytest.raises(ValueError, match="chain_bucket=-2"):
+    runner.EvalConfig(chain_bucket=-2)
+  # -1 (the default) verifies in widths of one step: L, 2L, ..., K * L.
+  rc = runner.round_config(tok, runner.EvalConfig(num_steps=3, max_step_tokens=5))
+  assert rc.chain_widths() == (5, 10, 15)
 
   class TwoTokenVerdicts:
     def encode(self, text, add_special_tokens=False):
