@@ -34,6 +34,7 @@ class SapoConfig:
   format_check: str = "task"
   max_step_tokens: int = 16
   temperature: float = 1.0
+  greedy_candidates: int = 0
   tau: float = 0.8
   min_mass: float = 0.5
   judge: str = "cpn"
@@ -62,7 +63,8 @@ class SapoConfig:
     return RolloutConfig.for_tokenizer(tokenizer, max_step_tokens=self.max_step_tokens,
                                        temperature=self.temperature, tau=self.tau,
                                        min_mass=self.min_mass, judge=self.judge,
-                                       likelihood_threshold=self.likelihood_threshold)
+                                       likelihood_threshold=self.likelihood_threshold,
+                                       greedy_candidates=self.greedy_candidates)
 
   def validate(self, data_parallel: int = 1) -> "SapoConfig":
     """Raises ConfigError (a ValueError) listing every bad setting, by flag name, at once."""
@@ -83,6 +85,9 @@ class SapoConfig:
     if self.temperature <= 0:
       errors.append(f"--sapo_temperature={self.temperature} must be > 0 (the group needs "
                     "different candidates)")
+    if not 0 <= self.greedy_candidates < self.group_size:
+      errors.append(f"--sapo_greedy_candidates={self.greedy_candidates} must be in [0, "
+                    f"--sapo_group_size={self.group_size}) (the group needs samples)")
     if self.loss not in sapo.LOSSES:
       errors.append(f"--sapo_loss={self.loss!r}: choose one of {sorted(sapo.LOSSES)}")
     if self.states_from not in STATE_SOURCES:

@@ -45,6 +45,10 @@ MAX_STEP_TOKENS = flags.DEFINE_integer("sapo_max_step_tokens", _D.max_step_token
                                        "Tokens per candidate step, delimiter included.")
 TEMPERATURE = flags.DEFINE_float("sapo_temperature", _D.temperature,
                                  "Sampling temperature of the rollouts (> 0).")
+GREEDY_CANDIDATES = flags.DEFINE_integer(
+    "sapo_greedy_candidates", _D.greedy_candidates,
+    "Candidates per group that are the draft's greedy step instead of a sample (the greedy "
+    "step is what drafts at test time).")
 TAU = flags.DEFINE_float("sapo_tau", _D.tau, "TBVM threshold deciding 'accepted' for the "
                          "concision term and the acceptance metrics, in (0.5, 1).")
 MIN_MASS = flags.DEFINE_float("sapo_min_mass", _D.min_mass,
@@ -82,7 +86,8 @@ def config_from_flags() -> SapoConfig:
       weight_decay=WEIGHT_DECAY.value, grad_clip=GRAD_CLIP.value, loss=LOSS.value,
       eps_low=EPS_LOW.value, eps_high=EPS_HIGH.value, beta=BETA.value,
       rewards=REWARDS.value, format_check=FORMAT_CHECK.value,
-      max_step_tokens=MAX_STEP_TOKENS.value, temperature=TEMPERATURE.value, tau=TAU.value,
+      max_step_tokens=MAX_STEP_TOKENS.value, temperature=TEMPERATURE.value,
+      greedy_candidates=GREEDY_CANDIDATES.value, tau=TAU.value,
       min_mass=MIN_MASS.value, judge=JUDGE.value,
       likelihood_threshold=LIKELIHOOD_THRESHOLD.value, states_from=STATES_FROM.value,
       trajectory_examples=TRAJECTORY_EXAMPLES.value, heldout_states=HELDOUT_STATES.value,

@@ -59,6 +59,9 @@ class RolloutConfig:
       candidate's tokens under the target, accepted at >= `likelihood_threshold`; the
       `likelihood` verifier of the engine). Its acceptance score is CPN or exp(mean log-p).
     likelihood_threshold: see `judge`.
+    greedy_candidates: the first this many candidates of each group are the policy's greedy
+      step instead of samples, so that the group's advantages also move the greedy mode,
+      which is what drafts at test time.
   """
   max_step_tokens: int = 16
   temperature: float = 1.0
@@ -72,6 +75,7 @@ class RolloutConfig:
   pad_id: int = 0
   judge: str = "cpn"
   likelihood_threshold: float = -1.0
+  greedy_candidates: int = 0
 
   def __post_init__(self):
     if self.max_step_tokens < 1:
@@ -84,6 +88,8 @@ class RolloutConfig:
     tbvm.check_min_mass(self.min_mass)
     if self.judge not in JUDGES:
       raise ValueError(f"judge={self.judge!r}: choose one of {JUDGES}")
+    if self.greedy_candidates < 0:
+      raise ValueError(f"greedy_candidates={self.greedy_candidates} must be >= 0")
     if not self.likelihood_threshold <= 0:
       raise ValueError(f"likelihood_threshold={self.likelihood_threshold} must be <= 0 "
                        "(a mean log-probability)")
@@ -154,7 +160,8 @@ def _token_logprobs(logits, tokens, temperature: float):
 @functools.partial(jax.jit, static_argnames=("graphdef", "rc", "group", "grid"))
 def sample_candidates(graphdef, params, inputs: Inputs, rng, *, rc: RolloutConfig,
                       group: int, grid=None) -> dict[str, jax.Array]:
-  """G sampled candidate steps per state, with their log-probs. Jitted.
+  """G sampled candidate steps per state (the first `rc.greedy_candidates` of each group
+  greedy), with their log-probs. Jitted.
 
   Args:
     graphdef / params: the draft (the rollout policy).
@@ -185,6 +192,9 @@ def sample_candidates(graphdef, params, inputs: Inputs, rng, *, rc: RolloutConfi
         tok = jax.random.categorical(sub, logits / rc.temperature, axis=-1)
       else:
         tok = jnp.argmax(logits, axis=-1)
+      if rc.greedy_candidates:
+        greedy_row = jnp.arange(n) % group < rc.greedy_candidates
+        tok = jnp.where(greedy_row, jnp.argmax(logits, axis=-1), tok)
       tok = tok.astype(jnp.int32)
       act = c["active"]
       logp = _token_logprobs(logits, tok, rc.logp_temperature)

@@ -183,6 +183,22 @@ def test_greedy_candidates_are_the_drafts_greedy_step(world):
   np.testing.assert_array_equal(greedy["tokens"], np.repeat(want[:, :L], 2, axis=0))
 
 
+def test_greedy_candidates_lead_each_group_and_the_rest_are_sampled(world):
+  rc = world["rc"]
+  greedy = _sample(world, rc=rollout_lib.RolloutConfig(**{**vars(rc), "temperature": 0.0}),
+                   group=1)
+  mixed = _sample(world, rc=rollout_lib.RolloutConfig(**{**vars(rc), "temperature": 3.0,
+                                                          "greedy_candidates": 1}), group=G)
+  first = np.arange(len(mixed["lengths"])) % G == 0
+  np.testing.assert_array_equal(mixed["tokens"][first], greedy["tokens"])
+  np.testing.assert_array_equal(mixed["lengths"][first], greedy["lengths"])
+  # The other candidates are samples: at temperature 3 they are not all the greedy step.
+  rest = mixed["tokens"][~first].reshape(len(greedy["tokens"]), G - 1, -1)
+  assert np.any(rest != greedy["tokens"][:, None])
+  with pytest.raises(ValueError, match="greedy_candidates"):
+    rollout_lib.RolloutConfig(**{**vars(rc), "greedy_candidates": -1})
+
+
 def test_scores_are_the_targets_verdict_on_prefix_candidate_template(world):
   rc, s = world["rc"], world["states"]
   out = _sample(world, rng=3)
