@@ -16,7 +16,8 @@ task (one host device each for draft and target):
 From these it prints the target's decode cost per token (target-only latency less the
 target's prefill, over its tokens), the verify pass in target decode steps, and the floor of
 a one-round answer with perfect overlap: max(target prefill, draft prefill + first chain) +
-verify. Prints figures; asserts nothing.
+verify. `--trace_dir` also writes a `jax.profiler` trace of fpsr (open it in TensorBoard or
+Perfetto). Prints figures; asserts nothing.
 """
 import collections
 import dataclasses
@@ -25,6 +26,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 import numpy as np
 from absl import app, flags
 
@@ -37,6 +39,9 @@ EXAMPLES = flags.DEFINE_integer("examples", 48, "Examples (batch 1, one at a tim
 VERIFIER = flags.DEFINE_string("verifier", "likelihood", "Step verifier.")
 THRESHOLD = flags.DEFINE_float("likelihood_threshold", -0.3, "likelihood: threshold.")
 NUM_STEPS = flags.DEFINE_integer("num_steps", 4, "K, steps per drafted chain.")
+TRACE_DIR = flags.DEFINE_string("trace_dir", "", "If set, also writes a jax.profiler trace "
+                                "of fpsr on 4 examples there (named scopes: draft, verify, "
+                                "rollback, fallback, draft_sync).")
 
 
 def _covered(intervals) -> float:
@@ -64,6 +69,11 @@ def main(_):
   res = ev.run(examples)
   ev.ec = dataclasses.replace(ec, overlap="none")
   alone = ev.run(examples, methods=["fpsr"])["fpsr"]
+  if TRACE_DIR.value:
+    ev.ec = ec
+    with jax.profiler.trace(TRACE_DIR.value):
+      ev.run(examples[:4], methods=["fpsr"])
+    print(f"wrote a jax.profiler trace to {TRACE_DIR.value}")
 
   n = len(examples)
   t_lat, f_lat = np.asarray(res["target"].latency_s), np.asarray(res["fpsr"].latency_s)
