@@ -16,6 +16,7 @@ latencies compare equal work. The figures are an upper bound on FPSR's speedup f
 given target size and a perfect draft; the acceptance of a real pair scales them down.
 Prints figures; asserts nothing.
 """
+import dataclasses
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
@@ -39,7 +40,7 @@ SIZES = flags.DEFINE_list("sizes", ["512x8", "1024x12"],
 
 def _random_target(cfg, hidden: int, layers: int, seed: int = 0):
   heads = hidden // cfg.head_dim
-  vision = cfg.vision.__class__(**{**vars(cfg.vision), "out_hidden_size": hidden})
+  vision = dataclasses.replace(cfg.vision, out_hidden_size=hidden)
   big = cfg.replace(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers,
                     num_heads=heads, num_kv_heads=max(1, heads // 4), vision=vision)
   return Transformer(big, rngs=nnx.Rngs(seed))

@@ -82,6 +82,19 @@ def prefill(graphdef, state, cache: KVCache, input_ids, num_new, positions=None,
   return last, cache
 
 
+def prefill_fresh(graphdef, state, cache_len: int, input_ids, num_new, positions=None,
+                  rope_delta=None, pixel_values=None, image_grid_thw=None):
+  """`prefill` into a new cache of `cache_len` positions, allocated inside the program.
+
+  Returns (last logits [B, V], cache). Building the cache under jit costs nothing to copy,
+  where a cache made on the host would be copied to the devices first.
+  """
+  cfg = nnx.merge(graphdef, state).cfg
+  cache = KVCache.init(cfg, input_ids.shape[0], cache_len)
+  return prefill(graphdef, state, cache, input_ids, num_new, positions, rope_delta,
+                 pixel_values, image_grid_thw)
+
+
 def decode_loop(graphdef, state, cache: KVCache, last_logits, rng, active, *,
                 max_new: int, stop: StopConfig, sampling: SamplingConfig,
                 budget: Optional[jax.Array] = None, pad_id: int = 0,
@@ -143,18 +156,17 @@ def decode_loop(graphdef, state, cache: KVCache, last_logits, rng, active, *,
 
 
 def _generate(graphdef, treedef, leaves, prompt_ids, prompt_lens, rng, positions, rope_delta,
-              pixel_values, *, cfg, max_new, stop, sampling, cache_len, image_grid_thw, pad_id):
+              pixel_values, *, max_new, stop, sampling, cache_len, image_grid_thw, pad_id):
   state = jax.tree.unflatten(treedef, leaves)
-  cache = KVCache.init(cfg, prompt_ids.shape[0], cache_len)
   grid = None if image_grid_thw is None else np.asarray(image_grid_thw)
-  last, cache = prefill(graphdef, state, cache, prompt_ids, prompt_lens, positions,
-                        rope_delta, pixel_values, grid)
+  last, cache = prefill_fresh(graphdef, state, cache_len, prompt_ids, prompt_lens, positions,
+                              rope_delta, pixel_values, grid)
   active = jnp.ones((prompt_ids.shape[0],), bool)
   return decode_loop(graphdef, state, cache, last, rng, active, max_new=max_new, stop=stop,
                      sampling=sampling, pad_id=pad_id)
 
 
-_STATIC = ("cfg", "max_new", "stop", "sampling", "cache_len", "image_grid_thw", "pad_id")
+_STATIC = ("max_new", "stop", "sampling", "cache_len", "image_grid_thw", "pad_id")
 # Shared by `generate` calls: the structure is static, so calls with equal models and settings
 # reuse one compilation (at the price of hashing the graphdef on every call).
 _generate_shared = jax.jit(_generate, static_argnums=(0, 1), static_argnames=_STATIC)
@@ -197,12 +209,11 @@ class Generator:
 
   def _fn(self, **static):
     if self._share:
-      return functools.partial(_generate_shared, self.graphdef, self.treedef, cfg=self.cfg,
-                               **static)
+      return functools.partial(_generate_shared, self.graphdef, self.treedef, **static)
     key = tuple(sorted(static.items()))
     if key not in self._fns:
       self._fns[key] = jax.jit(functools.partial(_generate, self.graphdef, self.treedef,
-                                                 cfg=self.cfg, **static))
+                                                 **static))
     return self._fns[key]
 
   def __call__(self, prompt_ids, prompt_lens=None, *, max_new_tokens: int,

@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dream_r_jax.decoding.generate import prefill, token_in
+from dream_r_jax.decoding.generate import prefill_fresh, token_in
 from dream_r_jax.models import image_processing
-from dream_r_jax.models.kv_cache import KVCache
 from dream_r_jax.speculative import tbvm
 
 Inputs = dict[str, Any]  # prefix_ids [S, P], prefix_lens [S], positions, rope_delta, pixels
@@ -145,10 +144,9 @@ def _prefilled(graphdef, params, inputs: Inputs, grid, group: int, extra: int):
   repeated `group` times: G candidates share one prefill."""
   model = nnx.merge(graphdef, params)
   ids = inputs["prefix_ids"]
-  cache = KVCache.init(model.cfg, ids.shape[0], ids.shape[1] + extra)
-  last, cache = prefill(graphdef, params, cache, ids, inputs["prefix_lens"],
-                        inputs["positions"], inputs["rope_delta"], inputs["pixel_values"],
-                        None if grid is None else np.asarray(grid))
+  last, cache = prefill_fresh(graphdef, params, ids.shape[1] + extra, ids,
+                              inputs["prefix_lens"], inputs["positions"], inputs["rope_delta"],
+                              inputs["pixel_values"], None if grid is None else np.asarray(grid))
   return model, repeat_rows(cache, group), repeat_rows(last, group)
 
 

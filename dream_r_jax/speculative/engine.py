@@ -32,7 +32,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dream_r_jax.decoding import generate as gen
-from dream_r_jax.models.kv_cache import KVCache
 from dream_r_jax.sharding import rules as sharding_rules
 from dream_r_jax.speculative import programs
 from dream_r_jax.speculative.programs import RoundConfig
@@ -115,7 +114,6 @@ class SpeculativeEngine:
     self._pool = cf.ThreadPoolExecutor(max_workers=2)
     self._mrope_t = target.cfg.mrope_section is not None
     self._mrope_d = draft.cfg.mrope_section is not None
-    self._compiled: set = set()
     self._programs: dict = {}
 
   # Jitted programs are cached at module level by (graphdef, mesh, config, batch), so engines
@@ -145,7 +143,7 @@ class SpeculativeEngine:
     if images is not None and role.cfg.vision is not None:
       pixel_values, grid, positions, rope_delta = images(role.cfg)
     fn = self._memo(("prefill", id(role), grid, cache_len, b), lambda: _prefill_jit(
-        role.graphdef, role.treedef, role.cfg, grid, cache_len, role.rows_sharding(b)))
+        role.graphdef, role.treedef, grid, cache_len, role.rows_sharding(b)))
     return fn(role.leaves, ids, lens, positions, rope_delta, pixel_values)
 
   def _run(self, role: str, fn, timeline, phase, t0):
@@ -210,16 +208,16 @@ class SpeculativeEngine:
     Widths differ from round to round, so without this a timed run would include
     compilations. Each width runs once with no active row (its outputs are dropped).
     """
-    key = (batch, cache.max_len)
-    if key in self._compiled:
-      return
-    idle = np.zeros((batch,), bool)
-    for width in self.rc.chain_widths():
-      packed = np.zeros((batch, width + self.rc.num_steps), np.int32)
-      jax.block_until_ready(target_prog(self.target.leaves, cache, last,
-                                        self.target.put_rows(packed, batch), idle, budget,
-                                        rng))
-    self._compiled.add(key)
+    def compile_all():
+      idle = np.zeros((batch,), bool)
+      for width in self.rc.chain_widths():
+        packed = np.zeros((batch, width + self.rc.num_steps), np.int32)
+        jax.block_until_ready(target_prog(self.target.leaves, cache, last,
+                                          self.target.put_rows(packed, batch), idle, budget,
+                                          rng))
+      return True
+
+    self._memo(("widths", batch, cache.max_len), compile_all)
 
   def run(self, prompt_ids, prompt_lens, *, max_new_tokens: int, schedule: str = "fpsr",
           rng: Optional[jax.Array] = None, images=None, max_rounds: Optional[int] = None
@@ -294,7 +292,7 @@ class SpeculativeEngine:
     pending = None  # dispatch time of a sync+draft not yet awaited ("async" overlap)
     while not done.all() and r < max_rounds:
       active = ~done
-      packed_h = np.asarray(d["packed"])
+      packed_h, draft_eos_next = jax.device_get((d["packed"], d["eos_next"]))
       if pending is not None:
         timeline.append(("sync+draft", "draft", pending, time.perf_counter() - t0))
         pending = None
@@ -309,8 +307,8 @@ class SpeculativeEngine:
       # not for rows whose answer the draft expects to end there (EOS in the chain or next).
       spec_rows = no_rows
       if fpsr:
-        ends = np.asarray(d["eos_next"]) | np.asarray(
-            [np.isin(chain_h[i, :chain_lens[i]], rc.eos_ids).any() for i in range(b)])
+        in_chain = np.arange(rc.chain_len) < chain_lens[:, None]
+        ends = draft_eos_next | (np.isin(chain_h, rc.eos_ids) & in_chain).any(-1)
         spec_rows = active & ~ends
       if spec_rows.any():
         spec_fn = draft_call(d, d["packed"], empty_fb, zeros_i, no_rows, no_rows, spec_rows,
@@ -401,13 +399,12 @@ def _program(kind: str, graphdef, treedef, mesh, rc: RoundConfig, batch: int, mr
 
 
 @functools.lru_cache(maxsize=None)
-def _prefill_jit(graphdef, treedef, cfg, grid, cache_len: int, rows: NamedSharding):
-  """Jitted prefill that also allocates the cache, on `rows`' mesh (rows split over data)."""
+def _prefill_jit(graphdef, treedef, grid, cache_len: int, rows: NamedSharding):
+  """Jitted prefill into a new cache, on `rows`' mesh (rows split over data)."""
 
   def fn(leaves, ids, lens, positions, rope_delta, pixel_values):
-    cache = KVCache.init(cfg, ids.shape[0], cache_len)
-    state = jax.tree.unflatten(treedef, leaves)
-    return gen.prefill(graphdef, state, cache, ids, lens, positions, rope_delta, pixel_values,
-                       None if grid is None else np.asarray(grid))
+    return gen.prefill_fresh(graphdef, jax.tree.unflatten(treedef, leaves), cache_len, ids,
+                             lens, positions, rope_delta, pixel_values,
+                             None if grid is None else np.asarray(grid))
 
   return jax.jit(fn, out_shardings=rows)

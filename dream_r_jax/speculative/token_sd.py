@@ -291,10 +291,10 @@ def target_verify(graphdef, state, ts: TargetState, prop: Proposal, rng, *,
 
 def _prefill_cache(graphdef, state, ids, lens, cache_len, images):
   """The cache after all but the last prompt token (which becomes the pending token)."""
-  cache = KVCache.init(nnx.merge(graphdef, state).cfg, ids.shape[0], cache_len)
   pixel_values, grid, positions, rope_delta = images
-  _, cache = gen.prefill(graphdef, state, cache, ids, lens - 1, positions, rope_delta,
-                         pixel_values, None if grid is None else np.asarray(grid))
+  _, cache = gen.prefill_fresh(graphdef, state, cache_len, ids, lens - 1, positions,
+                               rope_delta, pixel_values,
+                               None if grid is None else np.asarray(grid))
   return cache
 
 
