@@ -12,6 +12,7 @@ from dream_r_jax.train.config import ConfigError, OptimConfig
 DEFAULT_REWARDS = "acceptance=1,faithfulness=0.5,concision=0.25,format=1"
 STATE_SOURCES = ("target", "distill", "reference")
 FORMAT_CHECKS = ("task", "none")
+SIGNALS = ("reward", "acceptance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,8 @@ class SapoConfig:
   """What a SAPO run does; the flags in `dream_r_jax.rl.flags` describe each field."""
   iterations: int = 100
   states_per_iteration: int = 16
+  rollout_states: int = 0
+  signal: str = "reward"
   group_size: int = 8
   ppo_epochs: int = 1
   learning_rate: float = 1e-4
@@ -49,6 +52,11 @@ class SapoConfig:
     return dataclasses.replace(self, **kw)
 
   @property
+  def pool_states(self) -> int:
+    """States rolled out per iteration (`rollout_states`, 0: `states_per_iteration`)."""
+    return self.rollout_states or self.states_per_iteration
+
+  @property
   def reward_config(self) -> RewardConfig:
     return RewardConfig.parse(self.rewards)
 
@@ -76,6 +84,14 @@ class SapoConfig:
     if self.group_size < 2:
       errors.append(f"--sapo_group_size={self.group_size} must be >= 2 (advantages are "
                     "relative to the group)")
+    if self.rollout_states and self.rollout_states < self.states_per_iteration:
+      errors.append(f"--sapo_rollout_states={self.rollout_states} must be 0 or >= "
+                    f"--sapo_states_per_iteration={self.states_per_iteration} (the update "
+                    "takes that many groups out of the rollout)")
+    if self.rollout_states < 0:
+      errors.append(f"--sapo_rollout_states={self.rollout_states} must be >= 0")
+    if self.signal not in SIGNALS:
+      errors.append(f"--sapo_signal={self.signal!r}: choose one of {SIGNALS}")
     if self.heldout_states < 0 or self.warmup_steps < 0:
       errors.append("--sapo_heldout_states and --sapo_warmup_steps must be >= 0")
     if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -96,9 +112,10 @@ class SapoConfig:
     if self.format_check not in FORMAT_CHECKS:
       errors.append(f"--sapo_format_check={self.format_check!r}: choose one of "
                     f"{FORMAT_CHECKS}")
-    if self.states_per_iteration % data_parallel:
-      errors.append(f"--sapo_states_per_iteration={self.states_per_iteration} is not "
-                    f"divisible by the mesh's data axis ({data_parallel})")
+    for name in ("states_per_iteration", "rollout_states"):
+      if getattr(self, name) % data_parallel:
+        errors.append(f"--sapo_{name}={getattr(self, name)} is not divisible by the "
+                      f"mesh's data axis ({data_parallel})")
     if not 0 <= self.eps_low < 1 or not self.eps_high >= 0 or not self.beta >= 0:
       errors.append(f"--sapo_eps_low={self.eps_low} must be in [0, 1), --sapo_eps_high="
                     f"{self.eps_high} and --sapo_beta={self.beta} >= 0")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from dream_r_jax.rl.config import DEFAULT_REWARDS, FORMAT_CHECKS, STATE_SOURCES, SapoConfig
+from dream_r_jax.rl.config import (DEFAULT_REWARDS, FORMAT_CHECKS, SIGNALS, STATE_SOURCES,
+                                   SapoConfig)
 
 _D = SapoConfig()
 
@@ -16,6 +17,15 @@ ITERATIONS = flags.DEFINE_integer("sapo_iterations", _D.iterations,
 STATES_PER_ITERATION = flags.DEFINE_integer(
     "sapo_states_per_iteration", _D.states_per_iteration,
     "States rolled out per iteration (divisible by the mesh's data axis).")
+ROLLOUT_STATES = flags.DEFINE_integer(
+    "sapo_rollout_states", _D.rollout_states,
+    "States rolled out per iteration (0: --sapo_states_per_iteration). When larger, the "
+    "update takes the first --sapo_states_per_iteration groups that carry signal (DAPO's "
+    "dynamic sampling), so that its batch is not spent on groups with nothing to learn.")
+SIGNAL = flags.DEFINE_enum(
+    "sapo_signal", _D.signal, list(SIGNALS),
+    "Which groups carry signal (the others are dropped): reward: rewards not all equal; "
+    "acceptance: the target accepts some candidates of the group and rejects others.")
 GROUP_SIZE = flags.DEFINE_integer("sapo_group_size", _D.group_size,
                                   "G: candidate steps sampled per state (>= 2).")
 PPO_EPOCHS = flags.DEFINE_integer("sapo_ppo_epochs", _D.ppo_epochs,
@@ -81,6 +91,7 @@ def config_from_flags() -> SapoConfig:
   """The `SapoConfig` the parsed flags describe (validated by the stage)."""
   return SapoConfig(
       iterations=ITERATIONS.value, states_per_iteration=STATES_PER_ITERATION.value,
+      rollout_states=ROLLOUT_STATES.value, signal=SIGNAL.value,
       group_size=GROUP_SIZE.value, ppo_epochs=PPO_EPOCHS.value, learning_rate=LR.value,
       warmup_steps=WARMUP_STEPS.value, min_lr_ratio=MIN_LR_RATIO.value,
       weight_decay=WEIGHT_DECAY.value, grad_clip=GRAD_CLIP.value, loss=LOSS.value,

@@ -75,7 +75,7 @@ def _batch_states(train: states_lib.StateSet, scfg: SapoConfig,
                   iteration: int) -> states_lib.StateSet:
   """The states of iteration `iteration` (1-based): consecutive slices of per-epoch
   permutations drawn from (seed, epoch), so any iteration is reproducible on its own."""
-  n, s = len(train), scfg.states_per_iteration
+  n, s = len(train), scfg.pool_states
   positions = np.arange((iteration - 1) * s, iteration * s)
   epochs, offsets = np.divmod(positions, n)
   order = {int(e): np.random.default_rng([scfg.seed, int(e)]).permutation(n)

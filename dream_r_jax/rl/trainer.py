@@ -50,11 +50,15 @@ class Rollout:
   parts: dict[str, np.ndarray]  # term -> [N] unweighted
   malformed: np.ndarray   # [N] bool
 
+  def take(self, idx) -> "Rollout":
+    """The candidates `idx` (an index array or a slice)."""
+    return Rollout(**{f.name: ({k: v[idx] for k, v in self.parts.items()}
+                               if f.name == "parts" else getattr(self, f.name)[idx])
+                      for f in dataclasses.fields(self)})
+
   def head(self, n: int) -> "Rollout":
     """The first n candidates."""
-    return Rollout(**{f.name: ({k: v[:n] for k, v in self.parts.items()}
-                               if f.name == "parts" else getattr(self, f.name)[:n])
-                      for f in dataclasses.fields(self)})
+    return self.take(slice(None, n))
 
   @staticmethod
   def concat(rolls: list["Rollout"]) -> "Rollout":
@@ -105,6 +109,17 @@ def candidate_rewards(reward_cfg: RewardConfig, states: StateSet, group: int, *,
   total, parts = jax.device_get(_combined_rewards(reward_cfg, inputs))
   return (np.asarray(total), {k: np.asarray(v) for k, v in parts.items()}, content,
           malformed)
+
+
+def choose_groups(signal: np.ndarray, count: int) -> np.ndarray:
+  """Indices (ascending) of `count` groups: those with signal first, in order, then as many
+  without as it takes to fill `count` (they are masked out of the loss); all groups when
+  there are no more than `count`."""
+  signal = np.asarray(signal, bool)
+  if len(signal) <= count:
+    return np.arange(len(signal))
+  ranked = np.concatenate([np.flatnonzero(signal), np.flatnonzero(~signal)])
+  return np.sort(ranked[:count])
 
 
 def make_update_step(graphdef, tx: optax.GradientTransformation, scfg: SapoConfig, *,
@@ -272,25 +287,55 @@ class SapoTrainer:
                                       state_sharding=state_sharding, mesh=self.mesh)
     return self._update
 
-  def iteration(self, state, states: StateSet, rng, *, tx, state_sharding):
-    """One rollout and `ppo_epochs` updates. Returns (state, host metrics dict)."""
+  def group_signal(self, roll: Rollout) -> np.ndarray:
+    """bool `[groups]`: the groups an update learns from (`--sapo_signal`).
+
+    `reward`: rewards not all equal. `acceptance`: in addition, the target accepts some
+    candidates and rejects others; groups that are all accepted (or all rejected) then
+    differ only in small reward terms, and group normalization would blow those up into
+    full-size advantages.
+    """
     g = self.scfg.group_size
-    roll, batch, grid = self.rollout(state["params"], states, rng)
-    sapo.validate_rewards(roll.rewards, g)
-    adv = sapo.group_advantages(jnp.asarray(roll.rewards), g)
     signal = np.asarray(sapo.group_has_signal(jnp.asarray(roll.rewards), g))
-    keep = np.repeat(signal, g)
-    mask = (np.arange(roll.tokens.shape[1])[None] < roll.lengths[:, None]) & keep[:, None]
+    if self.scfg.signal == "acceptance":
+      accept = np.asarray(roll.accept, bool).reshape(-1, g)
+      signal = signal & accept.any(axis=1) & ~accept.all(axis=1)
+    return signal
+
+  def iteration(self, state, states: StateSet, rng, *, tx, state_sharding):
+    """One rollout and `ppo_epochs` updates. Returns (state, host metrics dict).
+
+    All `states` are rolled out; the update takes `states_per_iteration` groups of them,
+    those with signal first (all of them when there are no more states than that).
+    """
+    g = self.scfg.group_size
+    roll, batch, grid = self.rollout(state["params"], states, rng, with_ref=False)
+    sapo.validate_rewards(roll.rewards, g)
+    signal = self.group_signal(roll)
+    chosen = choose_groups(signal, self.scfg.states_per_iteration)
     metrics = rollout_metrics(roll, "rollout")
     metrics["rollout/signal_fraction"] = float(signal.mean())
-    if keep.any():
-      batch.update(place_rows({"advantages": np.asarray(adv, np.float32),
-                               "mask": mask.astype(np.float32)}, self.mesh))
-      update = self.update_fn(tx, grid, state_sharding)
-      for _ in range(self.scfg.ppo_epochs):
-        state, m = update(state, batch)
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      metrics.update({f"update/{k}": v for k, v in m.items() if k != "num_tokens"})
+    metrics["update/signal_fraction"] = float(signal[chosen].mean())
+    if not signal[chosen].any():
+      return state, metrics
+    if len(chosen) < len(states):
+      roll = roll.take((chosen[:, None] * g + np.arange(g)).ravel())
+      batch["inputs"], grid = self._inputs(self.draft_cfg, states.take(chosen), self.mesh)
+      batch.update(place_rows({"tokens": roll.tokens, "lengths": roll.lengths,
+                               "logp_old": roll.logp_old}, self.mesh))
+    batch["logp_ref"] = rollout_lib.reference_logprobs(
+        self.graphdef, self.ref_params, batch["inputs"], batch["tokens"], batch["lengths"],
+        rc=self.rc, group=g, grid=grid)
+    adv = sapo.group_advantages(jnp.asarray(roll.rewards), g)
+    keep = np.repeat(signal[chosen], g)
+    mask = (np.arange(roll.tokens.shape[1])[None] < roll.lengths[:, None]) & keep[:, None]
+    batch.update(place_rows({"advantages": np.asarray(adv, np.float32),
+                             "mask": mask.astype(np.float32)}, self.mesh))
+    update = self.update_fn(tx, grid, state_sharding)
+    for _ in range(self.scfg.ppo_epochs):
+      state, m = update(state, batch)
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    metrics.update({f"update/{k}": v for k, v in m.items() if k != "num_tokens"})
     return state, metrics
 
   def evaluate(self, params, states: StateSet, *, chunk: int) -> dict[str, float]:

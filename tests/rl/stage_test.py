@@ -122,13 +122,14 @@ def test_stage_writes_checkpoints_events_export_and_resumes(workdir):
 def test_bad_settings_fail_before_any_work(workdir):
   with _sapo_flags("--sapo_group_size=1", "--sapo_rewards=acceptance=0,faithfulness=0,"
                    "concision=0,format=0", "--sapo_states_per_iteration=6",
-                   "--sapo_greedy_candidates=1"):
+                   "--sapo_greedy_candidates=1", "--sapo_rollout_states=4"):
     with pytest.raises(ValueError) as e:
       runner.run(_cfg(workdir), stage_modules=["dream_r_jax.rl.stage"])
   msg = str(e.value)
   assert "--sapo_group_size=1" in msg and "all reward weights are zero" in msg
   assert "--sapo_states_per_iteration=6 is not divisible" in msg
   assert "--sapo_greedy_candidates=1 must be in [0, --sapo_group_size=1)" in msg
+  assert "--sapo_rollout_states=4 must be 0 or >= --sapo_states_per_iteration=6" in msg
 
 
 def test_eval_stage_compares_the_sapo_draft_with_the_sft_draft(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from dream_r_jax.data import tokenizer as tok_lib
 from dream_r_jax.rl import states as states_lib
 from dream_r_jax.rl.rewards import RewardConfig
-from dream_r_jax.rl.trainer import SapoTrainer, candidate_rewards
+from dream_r_jax.rl.trainer import Rollout, SapoTrainer, candidate_rewards, choose_groups
 from dream_r_jax.sharding import rules as rules_lib
 from dream_r_jax.sharding.mesh import make_mesh
 from dream_r_jax.testing import sapo as sapo_testing
@@ -98,3 +98,42 @@ def test_groups_without_signal_are_dropped(world):
   jax.tree.map(np.testing.assert_array_equal, before,
                jax.tree.map(np.asarray, state["params"]))
   assert int(state["step"]) == 0
+
+
+
+def test_choose_groups_takes_groups_with_signal_first():
+  signal = np.asarray([False, True, False, True, True, False])
+  assert choose_groups(signal, 2).tolist() == [1, 3]
+  # Fewer groups with signal than asked: the first ones without fill up, in order.
+  assert choose_groups(signal, 4).tolist() == [0, 1, 3, 4]
+  assert choose_groups(signal, 6).tolist() == list(range(6))
+  assert choose_groups(signal, 9).tolist() == list(range(6))
+
+
+def _roll(rewards, accept):
+  n = len(rewards)
+  zeros = np.zeros((n, 2))
+  return Rollout(tokens=zeros, lengths=np.ones(n, int), logp_old=zeros, content=zeros > 0,
+                 cpn=np.asarray(rewards), accept=np.asarray(accept, bool),
+                 rewards=np.asarray(rewards, np.float32), parts={}, malformed=np.zeros(n, bool))
+
+
+def test_acceptance_signal_drops_groups_the_target_judges_alike(world):
+  rewards = [0.9, 0.8, 0.3, 0.2, 0.5, 0.5, 0.9, 0.1]
+  accept = [1, 1, 1, 0, 1, 1, 0, 0]
+  by_reward, _, _, _ = _trainer(world, group_size=2)
+  by_accept, _, _, _ = _trainer(world, group_size=2, signal="acceptance")
+  assert by_reward.group_signal(_roll(rewards, accept)).tolist() == [True, True, False, True]
+  assert by_accept.group_signal(_roll(rewards, accept)).tolist() == [False, True, False,
+                                                                     False]
+
+
+def test_oversampled_rollout_updates_on_the_groups_with_signal(world):
+  # 16 states rolled out, 8 groups to the update: the update's batch keeps its shape, and
+  # the groups with signal come first.
+  trainer, tx, shardings, state = _trainer(world, iterations=2, rollout_states=16)
+  pool = world.states.take(list(range(len(world.states))) * 2)
+  state, m = trainer.iteration(state, pool, jax.random.key(3), tx=tx,
+                               state_sharding=shardings)
+  assert int(state["step"]) == 1 and np.isfinite(m["update/loss"])
+  assert m["update/signal_fraction"] == min(1.0, 2 * m["rollout/signal_fraction"])
