@@ -341,6 +341,12 @@ class SapoTrainer:
   def evaluate(self, params, states: StateSet, *, chunk: int) -> dict[str, float]:
     """The draft's greedy step on each state, judged by the target: acceptance and more.
 
+    Besides `rollout_metrics`: `heldout/acceptance_step{j}`, the acceptance of the states
+    whose next step is step j (0-based; where a task's rejections fall), and
+    `heldout/false_accept`, the fraction of states whose greedy step the target accepts
+    although it is not the target's own next step (a draft that games a lenient judge
+    raises it).
+
     States go in chunks of `chunk` (the last one padded by repeating its last state), so
     the programs compile once whatever the number of states.
     """
@@ -354,7 +360,14 @@ class SapoTrainer:
       roll, _, _ = self.rollout(params, states.take(idx), jax.random.key(0), group=1,
                                 greedy=True, with_ref=False)
       rolls.append(roll.head(real))
-    return rollout_metrics(Rollout.concat(rolls), "heldout")
+    roll = Rollout.concat(rolls)
+    out = rollout_metrics(roll, "heldout")
+    accept = np.asarray(roll.accept, bool)
+    for j in np.unique(states.step_index):
+      out[f"heldout/acceptance_step{int(j)}"] = float(np.mean(accept[states.step_index == j]))
+    if "exact_match" in roll.parts:
+      out["heldout/false_accept"] = float(np.mean(accept & (roll.parts["exact_match"] < 1)))
+    return out
 
 
 def rollout_metrics(roll: Rollout, prefix: str) -> dict[str, float]:

@@ -137,3 +137,17 @@ def test_oversampled_rollout_updates_on_the_groups_with_signal(world):
                                state_sharding=shardings)
   assert int(state["step"]) == 1 and np.isfinite(m["update/loss"])
   assert m["update/signal_fraction"] == min(1.0, 2 * m["rollout/signal_fraction"])
+
+
+def test_heldout_metrics_split_acceptance_by_step(world):
+  trainer, _, _, state = _trainer(world)
+  m = trainer.evaluate(state["params"], world.states, chunk=8)
+  steps = world.states.step_index
+  per_step = {int(j): m[f"heldout/acceptance_step{int(j)}"] for j in np.unique(steps)}
+  assert len([k for k in m if k.startswith("heldout/acceptance_step")]) == len(per_step)
+  weighted = sum(per_step[int(j)] for j in steps) / len(steps)
+  np.testing.assert_allclose(weighted, m["heldout/acceptance"], rtol=1e-6)
+  roll, _, _ = trainer.rollout(state["params"], world.states, jax.random.key(0), group=1,
+                               greedy=True, with_ref=False)
+  want = np.mean(roll.accept & (roll.parts["exact_match"] < 1))
+  assert m["heldout/false_accept"] == pytest.approx(want)
