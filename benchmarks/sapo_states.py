@@ -19,7 +19,6 @@ The target judges with the stage's settings (`--sapo_judge`, `--sapo_likelihood_
 `--sapo_tau`). Prints a Markdown table; asserts nothing.
 """
 import collections
-import dataclasses
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
@@ -57,22 +56,25 @@ def _by_step(values: np.ndarray, steps: np.ndarray) -> dict[int, float]:
   return out
 
 
-def draft_rows(trainer: SapoTrainer, params, states: states_lib.StateSet,
-               temperatures, group: int) -> dict[str, dict[int, float]]:
-  """`{column: {step j: value}}` for one draft; columns as in the module docstring."""
+def draft_rows(make_trainer, states: states_lib.StateSet, temperatures,
+               group: int) -> dict[str, dict[int, float]]:
+  """`{column: {step j: value}}` for one draft; columns as in the module docstring.
+
+  `make_trainer(temperature)` gives the draft's `SapoTrainer` sampling at `temperature`.
+  """
   cols = collections.defaultdict(list)
-  base = trainer.rc
+  trainer = make_trainer(1.0)
+  params = trainer.ref_params
+  samplers = {t: make_trainer(t) for t in temperatures}
   for start in range(0, len(states) - CHUNK + 1, CHUNK):
     chunk = states.take(range(start, start + CHUNK))
     roll, _, _ = trainer.rollout(params, chunk, jax.random.key(0), group=1, greedy=True,
                                  with_ref=False)
     cols["greedy"].append(roll.accept)
     cols["false"].append(roll.accept & (roll.parts["exact_match"] < 1))
-    for t in temperatures:
-      trainer.rc = dataclasses.replace(base, temperature=t, greedy_candidates=0)
-      roll, _, _ = trainer.rollout(params, chunk, jax.random.key(start), group=group,
+    for t, sampler in samplers.items():
+      roll, _, _ = sampler.rollout(params, chunk, jax.random.key(start), group=group,
                                    with_ref=False)
-      trainer.rc = base
       accept = np.asarray(roll.accept, bool).reshape(CHUNK, group)
       cols[f"sample@{t:g}"].append(accept.mean(axis=1))
       cols[f"pass@{group}@{t:g}"].append(accept.any(axis=1))
@@ -106,10 +108,11 @@ def main(_):
       print(f"\n{name}: no draft at {path}; skipped")
       continue
     draft, _ = load_pretrained(path, mesh=mesh)
-    trainer = SapoTrainer(draft, target, tokenizer, scfg, mesh=mesh, image_fn=image_fn,
-                          prefix_width=-(-states.max_prefix_len // 16) * 16,
-                          step_ok=task_step_ok if scfg.format_check == "task" else None)
-    rows = draft_rows(trainer, trainer.ref_params, states, temperatures, GROUP.value)
+    make_trainer = lambda t, draft=draft: SapoTrainer(
+        draft, target, tokenizer, scfg.replace(temperature=t, greedy_candidates=0),
+        mesh=mesh, image_fn=image_fn, prefix_width=-(-states.max_prefix_len // 16) * 16,
+        step_ok=task_step_ok if scfg.format_check == "task" else None)
+    rows = draft_rows(make_trainer, states, temperatures, GROUP.value)
     keys = list(next(iter(rows.values())))
     print(f"\n{name} ({path})\n")
     print("| | " + " | ".join(k if k == "all" else f"step {k}" for k in keys) + " |")
