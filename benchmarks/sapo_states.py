@@ -34,7 +34,7 @@ from dream_r_jax.models import load_pretrained
 from dream_r_jax.rl import data as data_lib
 from dream_r_jax.rl import flags as sapo_flags
 from dream_r_jax.rl import states as states_lib
-from dream_r_jax.rl.trainer import SapoTrainer, task_step_ok
+from dream_r_jax.rl.trainer import SapoTrainer, false_accepts, mean_by_step, task_step_ok
 from dream_r_jax.sharding import rules as rules_lib
 from dream_r_jax.sharding.mesh import make_mesh
 from dream_r_jax.train import flags as train_flags
@@ -49,13 +49,6 @@ GROUP = flags.DEFINE_integer("group", 8, "G: samples per state.")
 CHUNK = 16
 
 
-def _by_step(values: np.ndarray, steps: np.ndarray) -> dict[int, float]:
-  out = collections.OrderedDict()
-  for j in np.unique(steps):
-    out[int(j)] = float(np.mean(values[steps == j]))
-  return out
-
-
 def draft_rows(make_trainer, states: states_lib.StateSet, temperatures,
                group: int) -> dict[str, dict[int, float]]:
   """`{column: {step j: value}}` for one draft; columns as in the module docstring.
@@ -68,13 +61,11 @@ def draft_rows(make_trainer, states: states_lib.StateSet, temperatures,
   samplers = {t: make_trainer(t) for t in temperatures}
   for start in range(0, len(states) - CHUNK + 1, CHUNK):
     chunk = states.take(range(start, start + CHUNK))
-    roll, _, _ = trainer.rollout(params, chunk, jax.random.key(0), group=1, greedy=True,
-                                 with_ref=False)
+    roll, _, _ = trainer.rollout(params, chunk, jax.random.key(0), group=1, greedy=True)
     cols["greedy"].append(roll.accept)
-    cols["false"].append(roll.accept & (roll.parts["exact_match"] < 1))
+    cols["false"].append(false_accepts(roll))
     for t, sampler in samplers.items():
-      roll, _, _ = sampler.rollout(params, chunk, jax.random.key(start), group=group,
-                                   with_ref=False)
+      roll, _, _ = sampler.rollout(params, chunk, jax.random.key(start), group=group)
       accept = np.asarray(roll.accept, bool).reshape(CHUNK, group)
       cols[f"sample@{t:g}"].append(accept.mean(axis=1))
       cols[f"pass@{group}@{t:g}"].append(accept.any(axis=1))
@@ -82,7 +73,7 @@ def draft_rows(make_trainer, states: states_lib.StateSet, temperatures,
   out = {}
   for name, parts in cols.items():
     values = np.concatenate(parts).astype(np.float64)
-    out[name] = {"all": float(values.mean()), **_by_step(values, steps)}
+    out[name] = {"all": float(values.mean()), **mean_by_step(values, steps)}
   return out
 
 

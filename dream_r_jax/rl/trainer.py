@@ -248,11 +248,12 @@ class SapoTrainer:
 
   # -- rollout ------------------------------------------------------------------------------
   def rollout(self, params, states: StateSet, rng, *, group: Optional[int] = None,
-              greedy: bool = False, with_ref: bool = True):
+              greedy: bool = False):
     """Samples, scores and rewards `group` candidates per state with the draft `params`.
 
     Returns:
-      (Rollout, device batch for the update: inputs, tokens, lengths, logp_old, logp_ref).
+      (Rollout, device batch for the update: inputs, tokens, lengths, logp_old; the update
+      adds the reference's log-probs of the groups it keeps).
     """
     group = group or self.scfg.group_size
     rc = dataclasses.replace(self.rc, temperature=0.0) if greedy else self.rc
@@ -260,11 +261,6 @@ class SapoTrainer:
     out = rollout_lib.sample_candidates(self.graphdef, params, d_inputs, rng, rc=rc,
                                         group=group, grid=grid)
     scores = self._score(states, out["tokens"], out["lengths"], group=group, rc=rc)
-    logp_ref = None
-    if with_ref:
-      logp_ref = rollout_lib.reference_logprobs(self.graphdef, self.ref_params, d_inputs,
-                                                out["tokens"], out["lengths"], rc=rc,
-                                                group=group, grid=grid)
     host, sc = jax.device_get((out, scores))
     total, parts, content, malformed = candidate_rewards(
         self.reward_cfg, states, group, tokens=host["tokens"], lengths=host["lengths"],
@@ -274,7 +270,7 @@ class SapoTrainer:
                    content=content, cpn=sc["cpn"], accept=sc["accept"], rewards=total,
                    parts=parts, malformed=malformed)
     batch = {"inputs": d_inputs, "tokens": out["tokens"], "lengths": out["lengths"],
-             "logp_old": out["logp"], "logp_ref": logp_ref}
+             "logp_old": out["logp"]}
     return roll, batch, grid
 
   def _decode(self, ids) -> str:
@@ -309,7 +305,7 @@ class SapoTrainer:
     those with signal first (all of them when there are no more states than that).
     """
     g = self.scfg.group_size
-    roll, batch, grid = self.rollout(state["params"], states, rng, with_ref=False)
+    roll, batch, grid = self.rollout(state["params"], states, rng)
     sapo.validate_rewards(roll.rewards, g)
     signal = self.group_signal(roll)
     chosen = choose_groups(signal, self.scfg.states_per_iteration)
@@ -358,16 +354,25 @@ class SapoTrainer:
       real = len(idx)
       idx += [idx[-1]] * (chunk - real)
       roll, _, _ = self.rollout(params, states.take(idx), jax.random.key(0), group=1,
-                                greedy=True, with_ref=False)
+                                greedy=True)
       rolls.append(roll.head(real))
     roll = Rollout.concat(rolls)
     out = rollout_metrics(roll, "heldout")
-    accept = np.asarray(roll.accept, bool)
-    for j in np.unique(states.step_index):
-      out[f"heldout/acceptance_step{int(j)}"] = float(np.mean(accept[states.step_index == j]))
-    if "exact_match" in roll.parts:
-      out["heldout/false_accept"] = float(np.mean(accept & (roll.parts["exact_match"] < 1)))
+    for j, value in mean_by_step(roll.accept, states.step_index).items():
+      out[f"heldout/acceptance_step{j}"] = value
+    out["heldout/false_accept"] = float(np.mean(false_accepts(roll)))
     return out
+
+
+def mean_by_step(values, step_index) -> dict[int, float]:
+  """`{j: mean of values[i] over the states i whose next step is step j}`, j ascending."""
+  values, step_index = np.asarray(values, np.float64), np.asarray(step_index)
+  return {int(j): float(np.mean(values[step_index == j])) for j in np.unique(step_index)}
+
+
+def false_accepts(roll: Rollout) -> np.ndarray:
+  """bool `[N]`: the target accepted the candidate although it is not its own next step."""
+  return np.asarray(roll.accept, bool) & (roll.parts["exact_match"] < 1)
 
 
 def rollout_metrics(roll: Rollout, prefix: str) -> dict[str, float]:

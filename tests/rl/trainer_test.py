@@ -66,7 +66,7 @@ def _trainer(world, **kw):
 
 
 def _mean_reward(trainer, params, states):
-  roll, _, _ = trainer.rollout(params, states, jax.random.key(1234), with_ref=False)
+  roll, _, _ = trainer.rollout(params, states, jax.random.key(1234))
   return float(np.mean(roll.rewards))
 
 
@@ -128,15 +128,17 @@ def test_acceptance_signal_drops_groups_the_target_judges_alike(world):
                                                                      False]
 
 
-def test_oversampled_rollout_updates_on_the_groups_with_signal(world):
-  # 16 states rolled out, 8 groups to the update: the update's batch keeps its shape, and
-  # the groups with signal come first.
+def test_oversampled_rollout_updates_on_the_groups_with_signal(world, monkeypatch):
+  # 16 states rolled out, 8 groups to the update, and only the last 8 carry signal: an
+  # update that took the first 8 groups (or all 16) would see no signal (or half).
   trainer, tx, shardings, state = _trainer(world, iterations=2, rollout_states=16)
   pool = world.states.take(list(range(len(world.states))) * 2)
+  signal = np.arange(len(pool)) >= 8
+  monkeypatch.setattr(trainer, "group_signal", lambda roll: signal)
   state, m = trainer.iteration(state, pool, jax.random.key(3), tx=tx,
                                state_sharding=shardings)
-  assert int(state["step"]) == 1 and np.isfinite(m["update/loss"])
-  assert m["update/signal_fraction"] == min(1.0, 2 * m["rollout/signal_fraction"])
+  assert m["rollout/signal_fraction"] == 0.5 and m["update/signal_fraction"] == 1.0
+  assert int(state["step"]) == 1 and np.isfinite(m["update/loss"]) and m["update/loss"] != 0
 
 
 def test_heldout_metrics_split_acceptance_by_step(world):
@@ -148,6 +150,6 @@ def test_heldout_metrics_split_acceptance_by_step(world):
   weighted = sum(per_step[int(j)] for j in steps) / len(steps)
   np.testing.assert_allclose(weighted, m["heldout/acceptance"], rtol=1e-6)
   roll, _, _ = trainer.rollout(state["params"], world.states, jax.random.key(0), group=1,
-                               greedy=True, with_ref=False)
+                               greedy=True)
   want = np.mean(roll.accept & (roll.parts["exact_match"] < 1))
   assert m["heldout/false_accept"] == pytest.approx(want)
